@@ -1,0 +1,75 @@
+"""One typed settings object, read from ``THREADLINE_*`` environment variables.
+
+Every field here is documented in the README's configuration table; keep them in step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEV_ENDPOINTS_FILE", "Settings", "sql_dir"]
+
+# Written into the data dir by `threadline dev` while it runs, so that other CLI commands
+# (`threadline keys …`, `threadline migrate`) find the embedded stack without configuration.
+DEV_ENDPOINTS_FILE = "endpoints.env"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="THREADLINE_", extra="ignore", frozen=True)
+
+    # HTTP server
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    public_url: str | None = Field(
+        default=None, description="Base URL clients use to reach this server (used in printed examples)."
+    )
+
+    # Postgres: the source of truth.
+    database_url: str = Field(
+        default="postgresql://postgres@127.0.0.1:5432/threadline",
+        validation_alias=AliasChoices("THREADLINE_DATABASE_URL", "DATABASE_URL"),
+    )
+    db_pool_min_size: int = Field(default=2, ge=0)
+    db_pool_max_size: int = Field(default=20, ge=1)
+    migrate_on_start: bool = True
+
+    # S3-compatible object storage for channel records.
+    s3_endpoint: str = "http://127.0.0.1:8333"
+    s3_bucket: str = "threadline"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""
+    s3_secret_access_key: SecretStr = SecretStr("")
+
+    # ClickHouse (HTTP interface) for session lists.
+    clickhouse_url: str = "http://default:@127.0.0.1:8123/threadline"
+
+    # Auth
+    jwt_leeway_seconds: int = Field(default=30, ge=0, le=300)
+    session_token_default_ttl_seconds: int = Field(default=3600, ge=60)
+    session_token_max_ttl_seconds: int = Field(default=86400, ge=60)
+    cors_allow_origins: str = "*"
+    auth_cache_seconds: float = Field(
+        default=5.0, ge=0, description="How long a verified key/secret is cached; revocation lag."
+    )
+
+    # Logging
+    log_level: str = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    # Embedded stack (`threadline dev`)
+    data_dir: Path = Path(".threadline")
+
+    def cors_origins(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_allow_origins.split(",") if origin.strip()]
+
+
+def sql_dir(name: Literal["pg_migrations", "clickhouse_schema"]) -> Path:
+    """Where the SQL files live: inside the wheel, or at the repository root in a checkout."""
+    bundled = Path(__file__).parent / "_sql" / name
+    if bundled.is_dir():
+        return bundled
+    return Path(__file__).resolve().parents[2] / name
