@@ -1,0 +1,158 @@
+"""Sessions REST API benchmark: latency and throughput of create / get / list, next to the floor.
+
+    .venv/bin/python bench/sessions_api.py [--quick]
+
+Starts its own embedded stack and a real `threadline serve` process, then drives it from this
+process over HTTP. The floor is one asyncpg INSERT + commit on the same Postgres, measured in the
+same run. Prints a table and writes bench/results/sessions_api.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from threadline.auth.keys import bootstrap_environment, create_api_key  # noqa: E402
+from threadline.db import apply_migrations  # noqa: E402
+from threadline.embedded.ports import free_port  # noqa: E402
+from threadline.embedded.stack import EmbeddedStack  # noqa: E402
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def floor(dsn: str, n: int) -> list[float]:
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("CREATE TEMP TABLE floor_t (id text primary key, body jsonb)")
+    samples = []
+    for i in range(n):
+        t = time.perf_counter()
+        await conn.execute("INSERT INTO floor_t VALUES ($1, '{}')", f"k{i}")
+        samples.append(time.perf_counter() - t)
+    await conn.close()
+    return samples
+
+
+async def sequential(client: httpx.AsyncClient, n: int) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"create": [], "get": [], "list": []}
+    ids = []
+    for i in range(n):
+        t = time.perf_counter()
+        r = await client.post("/api/v1/sessions", json={"type": "bench", "tags": ["a", f"t{i % 7}"]})
+        out["create"].append(time.perf_counter() - t)
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    for session_id in ids:
+        t = time.perf_counter()
+        r = await client.get(f"/api/v1/sessions/{session_id}")
+        out["get"].append(time.perf_counter() - t)
+        assert r.status_code == 200
+    for _ in range(n // 4):
+        t = time.perf_counter()
+        r = await client.get("/api/v1/sessions", params={"filter[tags]": "t3", "filter[status]": "ACTIVE"})
+        out["list"].append(time.perf_counter() - t)
+        assert r.status_code == 200
+    return out
+
+
+async def throughput(client: httpx.AsyncClient, total: int, concurrency: int) -> float:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        while True:
+            try:
+                queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            r = await client.post("/api/v1/sessions", json={"type": "bench-tp"})
+            assert r.status_code == 201
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return total / (time.perf_counter() - started)
+
+
+async def main(quick: bool) -> dict[str, Any]:
+    n = 200 if quick else 2000
+    with tempfile.TemporaryDirectory(prefix="threadline-bench-") as tmp, EmbeddedStack(Path(tmp) / "stack") as stack:
+        endpoints = stack.endpoints
+        conn = await asyncpg.connect(endpoints.database_url)
+        await apply_migrations(conn)
+        env = await bootstrap_environment(conn, environment="bench")
+        _, key = await create_api_key(conn, env.id, "bench")
+        await conn.close()
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "threadline", "serve"],
+            env={**os.environ, **endpoints.as_env(), "THREADLINE_PORT": str(port), "THREADLINE_LOG_LEVEL": "WARNING"},
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
+                for _ in range(200):
+                    try:
+                        if (await c.get("/healthz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.1)
+                floor_samples = await floor(endpoints.database_url, n)
+                seq = await sequential(c, n)
+                rate = await throughput(c, n * 2, 32)
+            rss = psutil.Process(server.pid).memory_info().rss / 2**20
+        finally:
+            server.terminate()
+            server.wait(30)
+    rows = [{"operation": "floor: asyncpg INSERT + commit", "p50_ms": pct(floor_samples, 0.5), "p99_ms": pct(floor_samples, 0.99)}]
+    for name, samples in seq.items():
+        rows.append({"operation": f"{name} (sequential)", "p50_ms": pct(samples, 0.5), "p99_ms": pct(samples, 0.99)})
+    return {
+        "quick": quick,
+        "requests_per_op": n,
+        "rows": rows,
+        "create_throughput_32_concurrent_per_s": rate,
+        "create_p50_over_floor": statistics.median(seq["create"]) / statistics.median(floor_samples),
+        "server_rss_mib": rss,
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = ["| operation | p50 ms | p99 ms |", "|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['operation']} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |")
+    lines.append("")
+    lines.append(f"create throughput, 32 concurrent: {result['create_throughput_32_concurrent_per_s']:.0f} sessions/s")
+    lines.append(f"create p50 / floor p50: {result['create_p50_over_floor']:.1f}x; server RSS {result['server_rss_mib']:.0f} MiB")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    result = asyncio.run(main(args.quick))
+    table = render(result)
+    print(table)
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sessions_api.json").write_text(json.dumps(result, indent=2))
+    (out / "sessions_api.md").write_text(table + "\n")

@@ -1,0 +1,140 @@
+"""The ASGI application: routes, middleware, error handlers, and resources owned by the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Router
+
+from threadline import __version__
+from threadline.api import health, openapi, sessions
+from threadline.api.middleware import RequestObservabilityMiddleware, SecurityHeadersMiddleware
+from threadline.api.state import AppState
+from threadline.auth.authenticator import Authenticator
+from threadline.config import Settings, sql_dir
+from threadline.db import apply_migrations, create_pool
+from threadline.errors import ApiError
+from threadline.storage.clickhouse import ClickHouseUnavailable, apply_clickhouse_schema, connect_clickhouse
+from threadline.storage.objects import ObjectStore
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+CORS_ALLOW_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Last-Event-ID",
+    "If-None-Match",
+    "Timeout-Seconds",
+    "Producer-Id",
+    "Producer-Epoch",
+    "Producer-Seq",
+    "Stream-Seq",
+    "Stream-TTL",
+    "Stream-Expires-At",
+    "Stream-Closed",
+    "Stream-Forked-From",
+    "Stream-Fork-Offset",
+]
+CORS_EXPOSE_HEADERS = [
+    "Threadline-Lsn",
+    "Threadline-List-Source",
+    "Location",
+    "ETag",
+    "Retry-After",
+    "Stream-Next-Offset",
+    "Stream-Up-To-Date",
+    "Stream-Cursor",
+    "Stream-Closed",
+    "Stream-TTL",
+    "Stream-Expires-At",
+    "Producer-Epoch",
+    "Producer-Seq",
+    "Producer-Expected-Seq",
+    "Producer-Received-Seq",
+]
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "route_not_found", 405: "method_not_allowed"}
+    body = {"error": {"code": codes.get(exc.status_code, "http_error"), "message": exc.detail}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unhandled_error(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error", extra={"path": request.url.path})
+    body = {"error": {"code": "internal_error", "message": "internal server error"}}
+    return JSONResponse(body, status_code=500)
+
+
+def create_app(settings: Settings) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = await create_pool(
+            settings.database_url, min_size=settings.db_pool_min_size, max_size=settings.db_pool_max_size
+        )
+        try:
+            if settings.migrate_on_start:
+                async with pool.acquire() as conn:
+                    await apply_migrations(conn)
+            clickhouse = None
+            try:
+                clickhouse = await connect_clickhouse(settings.clickhouse_url)
+                if settings.migrate_on_start:
+                    await apply_clickhouse_schema(clickhouse, sql_dir("clickhouse_schema"))
+            except ClickHouseUnavailable as exc:
+                # Lists fall back to Postgres; /readyz reports ClickHouse until it answers.
+                logger.warning("clickhouse unavailable at start", extra={"error": str(exc)})
+            app.state.threadline = AppState(
+                settings=settings,
+                pool=pool,
+                authenticator=Authenticator(
+                    pool,
+                    cache_seconds=settings.auth_cache_seconds,
+                    jwt_leeway_seconds=settings.jwt_leeway_seconds,
+                ),
+                objects=ObjectStore(settings),
+                clickhouse=clickhouse,
+            )
+            logger.info("threadline started", extra={"version": __version__})
+            yield
+        finally:
+            state: AppState | None = getattr(app.state, "threadline", None)
+            if state is not None and state.clickhouse is not None:
+                await state.clickhouse.close()
+            await pool.close()
+
+    router = Router(routes=[*sessions.routes, *health.routes, *openapi.routes])
+    app = Starlette(
+        routes=router.routes,
+        middleware=[
+            Middleware(RequestObservabilityMiddleware, router=router),
+            Middleware(SecurityHeadersMiddleware),
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins(),
+                allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                allow_headers=CORS_ALLOW_HEADERS,
+                expose_headers=CORS_EXPOSE_HEADERS,
+                max_age=600,
+            ),
+        ],
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unhandled_error},
+        lifespan=lifespan,
+    )
+    return app

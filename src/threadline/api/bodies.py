@@ -1,0 +1,65 @@
+"""Reading request bodies: a size cap before parsing, then strict validation."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from threadline.errors import PayloadTooLarge, ValidationFailed
+
+__all__ = ["MAX_JSON_BODY_BYTES", "read_body", "read_model"]
+
+MAX_JSON_BODY_BYTES = 32 * 1024
+Model = TypeVar("Model", bound=BaseModel)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read at most ``limit`` bytes; stop reading (413) as soon as the body is known to be larger."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {
+            "field": ".".join(str(part) for part in error["loc"]) or "(body)",
+            "message": error["msg"],
+            "type": error["type"],
+        }
+        for error in exc.errors(include_url=False)
+    ]
+
+
+async def read_model(request: Request, model: type[Model], *, allow_empty: bool = False) -> Model:
+    raw = await read_body(request, MAX_JSON_BODY_BYTES)
+    if not raw.strip():
+        if allow_empty:
+            return model()
+        raise ValidationFailed("request body must be a JSON object", code="invalid_json")
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type not in ("application/json", ""):
+        raise ValidationFailed(
+            f"Content-Type must be application/json, not {content_type}", code="invalid_json"
+        )
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValidationFailed(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ValidationFailed("request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationFailed("request body is invalid", details=_errors(exc)) from None

@@ -1,0 +1,72 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from threadline.api.state import AppState, app_state
+from threadline.storage.clickhouse import connect_clickhouse, ping_clickhouse
+
+__all__ = ["routes"]
+
+_CHECK_TIMEOUT_SECONDS = 2.0
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def _check_postgres(state: AppState) -> None:
+    async with state.pool.acquire() as conn:
+        await conn.fetchval("SELECT 1")
+
+
+async def _check_clickhouse(state: AppState) -> None:
+    if state.clickhouse is None:
+        state.clickhouse = await connect_clickhouse(state.settings.clickhouse_url)
+    await ping_clickhouse(state.clickhouse)
+
+
+async def _run_check(check: Callable[[], Awaitable[None]]) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(check(), _CHECK_TIMEOUT_SECONDS)
+    except TimeoutError:
+        return {"ok": False, "error": f"no answer within {_CHECK_TIMEOUT_SECONDS}s"}
+    except Exception as exc:
+        return {"ok": False, "error": str(exc)[:300]}
+    return {"ok": True, "latencyMs": round((time.perf_counter() - started) * 1000, 2)}
+
+
+async def readyz(request: Request) -> Response:
+    state = app_state(request)
+    names = ("postgres", "s3", "clickhouse")
+    results = await asyncio.gather(
+        _run_check(lambda: _check_postgres(state)),
+        _run_check(state.objects.ping),
+        _run_check(lambda: _check_clickhouse(state)),
+    )
+    checks = dict(zip(names, results, strict=True))
+    ready = all(result["ok"] for result in results)
+    return JSONResponse(
+        {"status": "ready" if ready else "unavailable", "checks": checks}, 200 if ready else 503
+    )
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+routes = [
+    Route("/healthz", healthz, methods=["GET"], name="healthz"),
+    Route("/readyz", readyz, methods=["GET"], name="readyz"),
+    Route("/metrics", metrics, methods=["GET"], name="metrics"),
+]

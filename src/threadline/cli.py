@@ -1,0 +1,213 @@
+"""``threadline`` command line: run the server, the embedded dev stack, migrations and keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import uvicorn
+
+from threadline import __version__
+from threadline.auth.keys import bootstrap_environment, create_api_key, list_api_keys, revoke_api_key
+from threadline.config import DEV_ENDPOINTS_FILE, Settings, sql_dir
+from threadline.db import MigrationError, apply_migrations
+from threadline.logs import configure_logging
+
+__all__ = ["main"]
+
+
+def _settings() -> Settings:
+    """Settings from the environment; falls back to a running ``threadline dev`` stack's endpoints."""
+    base = Settings()
+    endpoints = base.data_dir / DEV_ENDPOINTS_FILE
+    if (
+        "THREADLINE_DATABASE_URL" not in os.environ
+        and "DATABASE_URL" not in os.environ
+        and endpoints.is_file()
+    ):
+        return Settings(_env_file=endpoints)
+    return base
+
+
+@contextlib.asynccontextmanager
+async def _connect(settings: Settings) -> AsyncIterator[asyncpg.Connection[Any]]:
+    try:
+        conn = await asyncpg.connect(settings.database_url, timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise SystemExit(
+            f"error: cannot connect to Postgres ({exc}). Set THREADLINE_DATABASE_URL, "
+            "or start `threadline dev` in this directory."
+        ) from None
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def _migrate(settings: Settings) -> None:
+    from threadline.storage.clickhouse import apply_clickhouse_schema, connect_clickhouse
+
+    async with _connect(settings) as conn:
+        applied = await apply_migrations(conn)
+    print(f"postgres: {len(applied)} migration(s) applied" + (f": {', '.join(applied)}" if applied else ""))
+    client = await connect_clickhouse(settings.clickhouse_url)
+    try:
+        files = await apply_clickhouse_schema(client, sql_dir("clickhouse_schema"))
+    finally:
+        await client.close()
+    print(f"clickhouse: schema applied ({', '.join(files)})")
+
+
+async def _keys(args: argparse.Namespace, settings: Settings) -> None:
+    async with _connect(settings) as conn:
+        await apply_migrations(conn)
+        if args.keys_command == "create":
+            environment = await bootstrap_environment(
+                conn, organization=args.org, project=args.project, environment=args.env
+            )
+            key, plaintext = await create_api_key(conn, environment.id, args.name)
+            print(
+                json.dumps(
+                    {"id": key.id, "environmentId": environment.id, "name": key.name, "key": plaintext}
+                )
+            )
+            print("store this key now: it is not shown again", file=sys.stderr)
+        elif args.keys_command == "list":
+            for key in await list_api_keys(conn):
+                print(
+                    json.dumps(
+                        {
+                            "id": key.id,
+                            "environmentId": key.environment_id,
+                            "name": key.name,
+                            "prefix": key.key_prefix,
+                            "createdAt": key.created_at.isoformat(),
+                            "lastUsedAt": key.last_used_at.isoformat() if key.last_used_at else None,
+                            "revokedAt": key.revoked_at.isoformat() if key.revoked_at else None,
+                        }
+                    )
+                )
+        elif args.keys_command == "revoke":
+            revoked = await revoke_api_key(conn, args.key_id)
+            if revoked is None:
+                raise SystemExit(f"error: no API key with id {args.key_id}")
+            print(
+                json.dumps(
+                    {
+                        "id": revoked.id,
+                        "revokedAt": revoked.revoked_at.isoformat() if revoked.revoked_at else None,
+                    }
+                )
+            )
+
+
+async def _env(args: argparse.Namespace, settings: Settings) -> None:
+    async with _connect(settings) as conn:
+        await apply_migrations(conn)
+        environment = await bootstrap_environment(
+            conn, organization=args.org, project=args.project, environment=args.env
+        )
+        out: dict[str, Any] = {
+            "environmentId": environment.id,
+            "projectId": environment.project_id,
+            "organizationId": environment.organization_id,
+        }
+        if args.env_command == "signing-secret":
+            out["signingSecret"] = await conn.fetchval(
+                "SELECT signing_secret FROM environments WHERE id = $1", environment.id
+            )
+        print(json.dumps(out))
+
+
+def _serve(settings: Settings) -> None:
+    from threadline.api.app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()
+
+
+def _add_tenancy_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--org", default="default", help="organization slug (default: default)")
+    parser.add_argument("--project", default="default", help="project slug (default: default)")
+    parser.add_argument("--env", default="dev", help="environment slug (default: dev)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="threadline", description="Durable session streams for AI agents.")
+    parser.add_argument("--version", action="version", version=f"threadline {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dev = commands.add_parser("dev", help="run the server on an embedded Postgres + S3 + ClickHouse stack")
+    dev.add_argument(
+        "--data-dir", type=Path, default=None, help="where the stack keeps its data (default .threadline)"
+    )
+    dev.add_argument("--fresh", action="store_true", help="wipe the data directory first")
+    dev.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    dev.add_argument("--port", type=int, default=None, help="HTTP port (default 8080; 0 picks a free one)")
+
+    commands.add_parser("serve", help="run the server against THREADLINE_* configured services")
+    commands.add_parser("migrate", help="apply Postgres migrations and the ClickHouse schema")
+
+    keys = commands.add_parser("keys", help="manage secret API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key (shown once)")
+    create.add_argument("--name", default="default", help="a label for the key")
+    _add_tenancy_args(create)
+    key_commands.add_parser("list", help="list keys (never their secrets)")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+
+    env = commands.add_parser("env", help="environments")
+    env_commands = env.add_subparsers(dest="env_command", required=True)
+    _add_tenancy_args(
+        env_commands.add_parser("bootstrap", help="create the org/project/environment if missing")
+    )
+    _add_tenancy_args(
+        env_commands.add_parser("signing-secret", help="print the environment's JWT signing secret (HS256)")
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    base = Settings()
+    configure_logging(base.log_level, base.log_format)
+    try:
+        if args.command == "dev":
+            from threadline.devserver import run_dev
+
+            overrides: dict[str, Any] = {}
+            if args.data_dir is not None:
+                overrides["data_dir"] = args.data_dir
+            if args.host is not None:
+                overrides["host"] = args.host
+            if args.port is not None:
+                overrides["port"] = args.port
+            settings = base.model_copy(update=overrides)
+            sys.exit(run_dev(settings, fresh=args.fresh))
+        elif args.command == "serve":
+            _serve(base)
+        elif args.command == "migrate":
+            asyncio.run(_migrate(_settings()))
+        elif args.command == "keys":
+            asyncio.run(_keys(args, _settings()))
+        elif args.command == "env":
+            asyncio.run(_env(args, _settings()))
+    except MigrationError as exc:
+        raise SystemExit(f"error: {exc}") from None

@@ -1,0 +1,121 @@
+"""Postgres connections and forward-only migrations.
+
+Migrations are plain numbered SQL files (``pg_migrations/NNNN_name.sql``). Each runs in its own
+transaction; an advisory lock serialises servers that start at the same time, and a checksum
+refuses to run against a database whose applied migrations were edited afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import asyncpg
+
+from threadline.config import sql_dir
+
+__all__ = ["Conn", "Migration", "MigrationError", "apply_migrations", "create_pool", "load_migrations"]
+
+# A bare connection or one borrowed from a pool; quoted because asyncpg's classes are only
+# generic in its type stubs.
+Conn: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
+
+logger = logging.getLogger(__name__)
+
+# Any constant works; it only has to be the same for every Threadline process.
+_MIGRATION_LOCK_KEY = 0x7468_7264_6C6E_0001
+_FILE_PATTERN = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class MigrationError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
+    for type_name in ("json", "jsonb"):
+        await conn.set_type_codec(type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool[Any]:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30
+    )
+    assert pool is not None  # create_pool only returns None when used as a context manager
+    return pool
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    directory = directory or sql_dir("pg_migrations")
+    migrations = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE_PATTERN.match(path.name)
+        if match is None:
+            raise MigrationError(f"{path.name}: migration files must be named NNNN_snake_case.sql")
+        migrations.append(Migration(int(match[1]), match[2], path.read_text()))
+    versions = [m.version for m in migrations]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"duplicate migration numbers in {directory}")
+    return migrations
+
+
+async def apply_migrations(conn: Conn, directory: Path | None = None) -> list[str]:
+    """Apply pending migrations; return the names of those applied now."""
+    migrations = load_migrations(directory)
+    applied_now: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version integer PRIMARY KEY,
+                   name text NOT NULL,
+                   checksum text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
+        applied = {row["version"]: row for row in rows}
+        known = {m.version for m in migrations}
+        unknown = sorted(set(applied) - known)
+        if unknown:
+            raise MigrationError(
+                f"database has migrations {unknown} that this build does not know: "
+                "it was migrated by a newer Threadline"
+            )
+        for migration in migrations:
+            row = applied.get(migration.version)
+            if row is not None:
+                if row["checksum"] != migration.checksum:
+                    raise MigrationError(
+                        f"migration {migration.version:04d}_{migration.name} was edited after it was "
+                        "applied; migrations are forward-only, add a new file instead"
+                    )
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
+                )
+            label = f"{migration.version:04d}_{migration.name}"
+            logger.info("migration applied", extra={"migration": label})
+            applied_now.append(label)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
+    return applied_now

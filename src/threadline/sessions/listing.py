@@ -1,0 +1,218 @@
+"""List and count queries: parsing the query string, and the keyset cursor.
+
+The query string is parsed strictly. ``filter[tagz]=x`` is a 400: a misspelt filter that is
+silently ignored returns every session, which is worse than an error.
+
+Cursors are keyset positions ``(sort key, id)`` in microseconds, base64url-encoded JSON. They are
+opaque to clients but carry the sort they were made for, so a cursor reused with another sort is
+refused instead of returning a wrong page.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from threadline.errors import ValidationFailed
+
+__all__ = ["Cursor", "ListQuery", "SessionFilters", "parse_count_query", "parse_list_query", "parse_lsn"]
+
+SortField = Literal["createdAt", "lastActiveAt"]
+STATUSES = ("ACTIVE", "CLOSED", "EXPIRED")
+_PERIOD = re.compile(r"^(\d{1,6})([smhdw])$")
+_PERIOD_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+_FILTER_KEYS = {
+    "filter[type]",
+    "filter[tags]",
+    "filter[taskIdentifier]",
+    "filter[externalId]",
+    "filter[status]",
+    "filter[createdAt][period]",
+    "filter[createdAt][from]",
+    "filter[createdAt][to]",
+}
+_LIST_KEYS = _FILTER_KEYS | {"sort", "page[size]", "page[after]", "page[before]", "minLsn"}
+_COUNT_KEYS = _FILTER_KEYS | {"minLsn"}
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFilters:
+    types: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    task_identifiers: tuple[str, ...] = ()
+    external_ids: tuple[str, ...] = ()
+    statuses: tuple[str, ...] = ()
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    sort: SortField
+    key_us: int  # sort key, microseconds since the epoch
+    id: str
+
+    def encode(self) -> str:
+        raw = json.dumps({"s": self.sort, "k": self.key_us, "i": self.id}, separators=(",", ":"))
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str, *, sort: SortField, param: str) -> Cursor:
+        try:
+            padded = token + "=" * (-len(token) % 4)
+            data = json.loads(base64.urlsafe_b64decode(padded.encode()))
+            cursor = cls(sort=data["s"], key_us=int(data["k"]), id=str(data["i"]))
+        except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise ValidationFailed(f"{param} is not a valid cursor", code="invalid_cursor") from None
+        if cursor.sort != sort:
+            raise ValidationFailed(
+                f"{param} was made for sort={cursor.sort}, not sort={sort}", code="invalid_cursor"
+            )
+        return cursor
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    filters: SessionFilters = field(default_factory=SessionFilters)
+    sort: SortField = "createdAt"
+    descending: bool = True
+    page_size: int = 20
+    after: Cursor | None = None
+    before: Cursor | None = None
+    min_lsn: str | None = None
+
+
+def to_micros(value: datetime) -> int:
+    delta = value - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_micros(value: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=value)
+
+
+def _single(params: Mapping[str, list[str]], key: str) -> str | None:
+    values = params.get(key)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ValidationFailed(f"{key} was given {len(values)} times; give it once")
+    return values[0]
+
+
+def _csv(params: Mapping[str, list[str]], key: str, *, max_items: int = 100) -> tuple[str, ...]:
+    raw = _single(params, key)
+    if raw is None:
+        return ()
+    items = tuple(dict.fromkeys(item.strip() for item in raw.split(",") if item.strip()))
+    if not items:
+        raise ValidationFailed(f"{key} is empty")
+    if len(items) > max_items:
+        raise ValidationFailed(f"{key} has {len(items)} values; at most {max_items}")
+    return items
+
+
+def _timestamp(params: Mapping[str, list[str]], key: str) -> datetime | None:
+    raw = _single(params, key)
+    if raw is None:
+        return None
+    try:
+        if raw.isdigit():
+            return datetime.fromtimestamp(int(raw) / 1000, UTC)  # epoch milliseconds
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except (ValueError, OverflowError):
+        raise ValidationFailed(f"{key} must be an ISO 8601 timestamp or epoch milliseconds") from None
+    if value.tzinfo is None:
+        raise ValidationFailed(f"{key} must include a timezone (e.g. 2026-01-01T00:00:00Z)")
+    return value
+
+
+def parse_lsn(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not _LSN.match(raw):
+        raise ValidationFailed("minLsn must be a Postgres LSN such as 0/16B3748 (from Threadline-Lsn)")
+    return raw.upper()
+
+
+def _check_keys(params: Mapping[str, list[str]], allowed: set[str]) -> None:
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ValidationFailed(
+            f"unknown query parameter(s): {', '.join(unknown)}",
+            code="unknown_parameter",
+            details={"unknown": unknown, "allowed": sorted(allowed)},
+        )
+
+
+def _filters(params: Mapping[str, list[str]], now: datetime) -> SessionFilters:
+    statuses = tuple(s.upper() for s in _csv(params, "filter[status]"))
+    bad = [s for s in statuses if s not in STATUSES]
+    if bad:
+        raise ValidationFailed(
+            f"filter[status] values must be among {', '.join(STATUSES)}; got {', '.join(bad)}"
+        )
+    period = _single(params, "filter[createdAt][period]")
+    created_from = _timestamp(params, "filter[createdAt][from]")
+    created_to = _timestamp(params, "filter[createdAt][to]")
+    if period is not None:
+        if created_from is not None or created_to is not None:
+            raise ValidationFailed("filter[createdAt][period] cannot be combined with [from]/[to]")
+        match = _PERIOD.match(period)
+        if match is None:
+            raise ValidationFailed("filter[createdAt][period] must look like 30m, 12h, 7d or 2w")
+        created_from = now - timedelta(seconds=int(match[1]) * _PERIOD_UNITS[match[2]])
+    if created_from is not None and created_to is not None and created_from > created_to:
+        raise ValidationFailed("filter[createdAt][from] is after filter[createdAt][to]")
+    return SessionFilters(
+        types=_csv(params, "filter[type]"),
+        tags=_csv(params, "filter[tags]", max_items=10),
+        task_identifiers=_csv(params, "filter[taskIdentifier]"),
+        external_ids=_csv(params, "filter[externalId]"),
+        statuses=statuses,
+        created_from=created_from,
+        created_to=created_to,
+    )
+
+
+def parse_list_query(params: Mapping[str, list[str]], *, now: datetime | None = None) -> ListQuery:
+    _check_keys(params, _LIST_KEYS)
+    now = now or datetime.now(UTC)
+    sort_raw = _single(params, "sort") or "-createdAt"
+    descending = sort_raw.startswith("-")
+    sort_field = sort_raw.removeprefix("-")
+    if sort_field not in ("createdAt", "lastActiveAt"):
+        raise ValidationFailed("sort must be one of createdAt, -createdAt, lastActiveAt, -lastActiveAt")
+    sort: SortField = "createdAt" if sort_field == "createdAt" else "lastActiveAt"
+    size_raw = _single(params, "page[size]")
+    page_size = 20
+    if size_raw is not None:
+        if not size_raw.isdigit() or not 1 <= int(size_raw) <= 100:
+            raise ValidationFailed("page[size] must be an integer from 1 to 100")
+        page_size = int(size_raw)
+    after_raw = _single(params, "page[after]")
+    before_raw = _single(params, "page[before]")
+    if after_raw is not None and before_raw is not None:
+        raise ValidationFailed("page[after] and page[before] cannot be used together")
+    return ListQuery(
+        filters=_filters(params, now),
+        sort=sort,
+        descending=descending,
+        page_size=page_size,
+        after=None if after_raw is None else Cursor.decode(after_raw, sort=sort, param="page[after]"),
+        before=None if before_raw is None else Cursor.decode(before_raw, sort=sort, param="page[before]"),
+        min_lsn=parse_lsn(_single(params, "minLsn")),
+    )
+
+
+def parse_count_query(params: Mapping[str, list[str]], *, now: datetime | None = None) -> SessionFilters:
+    _check_keys(params, _COUNT_KEYS)
+    parse_lsn(_single(params, "minLsn"))
+    return _filters(params, now or datetime.now(UTC))

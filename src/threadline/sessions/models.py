@@ -1,0 +1,168 @@
+"""Session request bodies and the session resource as clients see it.
+
+Field rules come from SPEC §3. Bodies are strict: an unknown field is a 400, not ignored, so a
+typo (``externalID``) never silently creates a session without the caller's idempotency key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+__all__ = [
+    "MAX_METADATA_BYTES",
+    "ChannelView",
+    "CloseSessionBody",
+    "CreateSessionBody",
+    "MintTokenBody",
+    "PatchSessionBody",
+    "SessionView",
+    "format_offset",
+    "session_status",
+]
+
+MAX_METADATA_BYTES = 32 * 1024
+FRIENDLY_ID_PREFIX = "session_"
+
+
+def _external_id(value: str) -> str:
+    if value.startswith(FRIENDLY_ID_PREFIX):
+        raise ValueError(f"externalId may not start with '{FRIENDLY_ID_PREFIX}' (reserved for session ids)")
+    return value
+
+
+def _tags(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(values))  # drop duplicates, keep order
+
+
+def _metadata(value: dict[str, Any]) -> dict[str, Any]:
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is {size} bytes serialized; the limit is {MAX_METADATA_BYTES}")
+    return value
+
+
+ExternalId = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256), AfterValidator(_external_id)
+]
+Tag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)]
+Tags = Annotated[list[Tag], Field(max_length=10), AfterValidator(_tags)]
+Metadata = Annotated[dict[str, Any], AfterValidator(_metadata)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=False, str_strip_whitespace=False)
+
+
+class CreateSessionBody(_Body):
+    type: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+    externalId: ExternalId | None = None
+    taskIdentifier: (
+        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)] | None
+    ) = None
+    tags: Tags = Field(default_factory=list)
+    metadata: Metadata = Field(default_factory=dict)
+    expiresAt: AwareDatetime | None = None
+
+
+class PatchSessionBody(_Body):
+    """Only the fields present are changed; ``externalId``/``expiresAt`` may be set to null."""
+
+    tags: Tags | None = None
+    metadata: Metadata | None = None
+    externalId: ExternalId | None = None
+    expiresAt: AwareDatetime | None = None
+
+
+class CloseSessionBody(_Body):
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, max_length=256)] | None = None
+
+
+class MintTokenBody(_Body):
+    expiresInSeconds: int | None = Field(default=None, ge=60)
+    scopes: list[Literal["read", "write"]] = Field(default=["read", "write"], min_length=1)
+
+
+def format_offset(position: int) -> str:
+    """Offsets are opaque to clients; zero-padding keeps them lexicographically sortable."""
+    return f"{position:020d}"
+
+
+def session_status(
+    closed_at: datetime | None, expires_at: datetime | None, now: datetime | None = None
+) -> str:
+    if closed_at is not None:
+        return "CLOSED"
+    if expires_at is not None and expires_at <= (now or datetime.now(UTC)):
+        return "EXPIRED"
+    return "ACTIVE"
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelView:
+    records: int
+    bytes: int
+    tail_offset: int
+    closed: bool
+    first_record_at: datetime | None
+    last_record_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "records": self.records,
+            "bytes": self.bytes,
+            "tailOffset": format_offset(self.tail_offset),
+            "closed": self.closed,
+            "firstRecordAt": _iso(self.first_record_at),
+            "lastRecordAt": _iso(self.last_record_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    id: str
+    environment_id: str
+    external_id: str | None
+    type: str
+    task_identifier: str | None
+    tags: list[str]
+    metadata: dict[str, Any]
+    closed_at: datetime | None
+    closed_reason: str | None
+    expires_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    last_active_at: datetime
+    channels: dict[str, ChannelView]
+
+    @property
+    def status(self) -> str:
+        return session_status(self.closed_at, self.expires_at)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "externalId": self.external_id,
+            "type": self.type,
+            "taskIdentifier": self.task_identifier,
+            "tags": self.tags,
+            "metadata": self.metadata,
+            "status": self.status,
+            "closedAt": _iso(self.closed_at),
+            "closedReason": self.closed_reason,
+            "expiresAt": _iso(self.expires_at),
+            "createdAt": _iso(self.created_at),
+            "updatedAt": _iso(self.updated_at),
+            "lastActiveAt": _iso(self.last_active_at),
+            "channels": {name: channel.to_json() for name, channel in self.channels.items()},
+        }

@@ -1,0 +1,173 @@
+"""Shared fixtures: one real embedded stack (Postgres, SeaweedFS, chDB sidecar) per test run, and
+one real Threadline server on it, listening on a TCP port like in production.
+
+Nothing here is mocked: tests that need a service get the real one from the same launcher that
+`threadline dev` uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+from pydantic import SecretStr
+
+from threadline.api.app import create_app
+from threadline.auth.keys import bootstrap_environment, create_api_key
+from threadline.config import Settings
+from threadline.db import apply_migrations
+from threadline.embedded.stack import EmbeddedStack, StackEndpoints
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
+    data_dir = tmp_path_factory.mktemp("stack")
+    with EmbeddedStack(data_dir) as running:
+        yield running.endpoints
+
+
+def settings_for(endpoints: StackEndpoints, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": endpoints.database_url,
+        "s3_endpoint": endpoints.s3_endpoint,
+        "s3_bucket": endpoints.s3_bucket,
+        "s3_region": endpoints.s3_region,
+        "s3_access_key_id": endpoints.s3_access_key_id,
+        "s3_secret_access_key": SecretStr(endpoints.s3_secret_access_key),
+        "clickhouse_url": endpoints.clickhouse_url,
+        "port": 0,
+        "auth_cache_seconds": 0.0,
+        "log_format": "json",
+    }
+    values.update(overrides)
+    return Settings().model_copy(update=values)
+
+
+@pytest.fixture(scope="session")
+def settings(stack: StackEndpoints) -> Settings:
+    return settings_for(stack)
+
+
+class ServerThread:
+    """A real uvicorn server on a free port, in a thread with its own event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=0, log_config=None, access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="threadline-test-server", daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def base_url(settings: Settings) -> Iterator[str]:
+    with ServerThread(settings) as url:
+        yield url
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    environment_id: str
+    key: str
+    key_id: str
+
+
+@pytest.fixture(scope="session")
+def db(settings: Settings) -> Callable[..., Any]:
+    """Run one query against the stack's Postgres: ``db("fetch", sql, *args)``."""
+
+    def query(method: str, sql: str, *args: Any) -> Any:
+        async def go() -> Any:
+            conn = await asyncpg.connect(settings.database_url)
+            try:
+                return await getattr(conn, method)(sql, *args)
+            finally:
+                await conn.close()
+
+        return run(go())
+
+    return query
+
+
+def make_tenant(settings: Settings, environment: str) -> Tenant:
+    async def go() -> Tenant:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await apply_migrations(conn)
+            env = await bootstrap_environment(
+                conn, organization="tests", project="tests", environment=environment
+            )
+            key, plaintext = await create_api_key(conn, env.id, f"{environment} key")
+            return Tenant(env.id, plaintext, key.id)
+        finally:
+            await conn.close()
+
+    result: Tenant = run(go())
+    return result
+
+
+@pytest.fixture(scope="session")
+def tenant(settings: Settings, base_url: str) -> Tenant:
+    return make_tenant(settings, "main")
+
+
+@pytest.fixture(scope="session")
+def other_tenant(settings: Settings, base_url: str) -> Tenant:
+    return make_tenant(settings, "other")
+
+
+@pytest.fixture
+def client(base_url: str, tenant: Tenant) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {tenant.key}"}, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def anon(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=30) as c:
+        yield c
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error: dict[str, Any] = response.json()["error"]
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
