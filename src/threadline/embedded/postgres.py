@@ -58,6 +58,7 @@ SETTINGS = {
 _UNIX_SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for the lock file suffix
 _LOG_KEY = re.compile(r"\b(FATAL|PANIC|ERROR)\b")
 _CAP_DAC_READ_SEARCH = 2
+_CAP_SETPCAP = 8  # needed to set the securebit that keeps the capability usable by access(2)
 
 
 def find_pg_bin_dir() -> Path:
@@ -152,9 +153,13 @@ class EmbeddedPostgres:
         self.data_dir = root / "data"
         self.run_dir = root / "run"
         self._user = _ensure_system_user(SYSTEM_USER) if os.geteuid() == 0 else None
-        # Ambient CAP_DAC_READ_SEARCH lets the Postgres user reach a data dir below 0700
-        # parents; containers without that capability need reachable paths instead.
-        self._traverse_any_dir = self._user is not None and has_permitted_capability(_CAP_DAC_READ_SEARCH)
+        # Ambient CAP_DAC_READ_SEARCH lets the Postgres user reach binaries and a data dir below
+        # 0700 parents; containers without these capabilities need reachable paths instead.
+        self._traverse_any_dir = (
+            self._user is not None
+            and has_permitted_capability(_CAP_DAC_READ_SEARCH)
+            and has_permitted_capability(_CAP_SETPCAP)
+        )
         self._process: ManagedProcess | None = None
 
     @property

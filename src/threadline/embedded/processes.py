@@ -56,8 +56,9 @@ def setpriv_prefix(
 ) -> list[str]:
     """The argv prefix that gives a child a parent-death signal and, as root, a user switch.
 
-    ``traverse_any_dir`` grants the user the ambient CAP_DAC_READ_SEARCH so that it can reach
-    a data dir below a 0700 parent (``/root``, a ``mktemp -d`` CI checkout, pytest's tmp).
+    ``traverse_any_dir`` grants the user the ambient CAP_DAC_READ_SEARCH (and nothing else) so
+    that it can reach binaries and a data dir below a 0700 parent (``/root``, a ``mktemp -d``
+    CI checkout, pytest's tmp).
     Without ``setpriv`` (macOS, minimal images) a non-root child runs as is: the launcher still
     stops it, but it would outlive a launcher killed with SIGKILL.
     """
@@ -73,7 +74,16 @@ def setpriv_prefix(
     if run_as is not None:
         prefix += [f"--reuid={run_as}", f"--regid={run_as}", "--init-groups"]
         if traverse_any_dir:
-            prefix += ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+            # access(2) drops capabilities for a non-root real uid unless SECURE_NO_SETUID_FIXUP
+            # is set, and initdb checks its own binaries with access(): without the securebit a
+            # venv below a 0700 checkout fails with "invalid binary". The bounding set keeps the
+            # child at exactly this one capability.
+            prefix += [
+                "--securebits=+no_setuid_fixup",
+                "--bounding-set=-all,+dac_read_search",
+                "--inh-caps=-all,+dac_read_search",
+                "--ambient-caps=+dac_read_search",
+            ]
     # setpriv spells signals without the SIG prefix.
     prefix += ["--pdeathsig", death_signal.name.removeprefix("SIG")]
     return prefix
