@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test lint typecheck check clean
+.PHONY: install run test lint typecheck check bench clean
 
 install: $(VENV)/.installed
 
@@ -23,9 +23,13 @@ run: install
 test: install
 	$(BIN)/pytest
 
+## Benchmarks (their own embedded stack; figures to stdout and bench/results/)
+bench: install
+	$(BIN)/python bench/sessions_api.py
+
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 typecheck: install
 	$(BIN)/mypy

@@ -3,7 +3,8 @@
     .venv/bin/python bench/sessions_api.py [--quick]
 
 Starts its own embedded stack and a real `threadline serve` process, then drives it from this
-process over HTTP. The floor is one asyncpg INSERT + commit on the same Postgres, measured in the
+process over HTTP with aiohttp (httpx costs ~2 ms of client CPU per request on this machine,
+which would be measured as server latency). The floor is one asyncpg INSERT + commit on the same Postgres, measured in the
 same run. Prints a table and writes bench/results/sessions_api.{json,md}.
 """
 
@@ -14,15 +15,14 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
-import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,29 +51,34 @@ async def floor(dsn: str, n: int) -> list[float]:
     return samples
 
 
-async def sequential(client: httpx.AsyncClient, n: int) -> dict[str, list[float]]:
+async def sequential(client: aiohttp.ClientSession, n: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"create": [], "get": [], "list": []}
     ids = []
     for i in range(n):
         t = time.perf_counter()
-        r = await client.post("/api/v1/sessions", json={"type": "bench", "tags": ["a", f"t{i % 7}"]})
+        async with client.post("/api/v1/sessions", json={"type": "bench", "tags": ["a", f"t{i % 7}"]}) as r:
+            body = await r.json()
         out["create"].append(time.perf_counter() - t)
-        assert r.status_code == 201, r.text
-        ids.append(r.json()["id"])
+        assert r.status == 201, body
+        ids.append(body["id"])
     for session_id in ids:
         t = time.perf_counter()
-        r = await client.get(f"/api/v1/sessions/{session_id}")
+        async with client.get(f"/api/v1/sessions/{session_id}") as r:
+            await r.read()
         out["get"].append(time.perf_counter() - t)
-        assert r.status_code == 200
+        assert r.status == 200
     for _ in range(n // 4):
         t = time.perf_counter()
-        r = await client.get("/api/v1/sessions", params={"filter[tags]": "t3", "filter[status]": "ACTIVE"})
+        async with client.get(
+            "/api/v1/sessions", params={"filter[tags]": "t3", "filter[status]": "ACTIVE"}
+        ) as r:
+            await r.read()
         out["list"].append(time.perf_counter() - t)
-        assert r.status_code == 200
+        assert r.status == 200
     return out
 
 
-async def throughput(client: httpx.AsyncClient, total: int, concurrency: int) -> float:
+async def throughput(client: aiohttp.ClientSession, total: int, concurrency: int) -> float:
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
         queue.put_nowait(i)
@@ -84,8 +89,9 @@ async def throughput(client: httpx.AsyncClient, total: int, concurrency: int) ->
                 queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            r = await client.post("/api/v1/sessions", json={"type": "bench-tp"})
-            assert r.status_code == 201
+            async with client.post("/api/v1/sessions", json={"type": "bench-tp"}) as r:
+                await r.read()
+            assert r.status == 201
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -94,7 +100,10 @@ async def throughput(client: httpx.AsyncClient, total: int, concurrency: int) ->
 
 async def main(quick: bool) -> dict[str, Any]:
     n = 200 if quick else 2000
-    with tempfile.TemporaryDirectory(prefix="threadline-bench-") as tmp, EmbeddedStack(Path(tmp) / "stack") as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="threadline-bench-") as tmp,
+        EmbeddedStack(Path(tmp) / "stack") as stack,
+    ):
         endpoints = stack.endpoints
         conn = await asyncpg.connect(endpoints.database_url)
         await apply_migrations(conn)
@@ -102,18 +111,27 @@ async def main(quick: bool) -> dict[str, Any]:
         _, key = await create_api_key(conn, env.id, "bench")
         await conn.close()
         port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "threadline", "serve"],
-            env={**os.environ, **endpoints.as_env(), "THREADLINE_PORT": str(port), "THREADLINE_LOG_LEVEL": "WARNING"},
+        server = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "threadline",
+            "serve",
+            env={
+                **os.environ,
+                **endpoints.as_env(),
+                "THREADLINE_PORT": str(port),
+                "THREADLINE_LOG_LEVEL": "WARNING",
+            },
         )
         try:
             base = f"http://127.0.0.1:{port}"
-            async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
+            async with aiohttp.ClientSession(base_url=base, headers={"Authorization": f"Bearer {key}"}) as c:
                 for _ in range(200):
                     try:
-                        if (await c.get("/healthz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
+                        async with c.get("/healthz") as r:
+                            if r.status == 200:
+                                break
+                    except aiohttp.ClientConnectionError:
                         await asyncio.sleep(0.1)
                 floor_samples = await floor(endpoints.database_url, n)
                 seq = await sequential(c, n)
@@ -121,10 +139,18 @@ async def main(quick: bool) -> dict[str, Any]:
             rss = psutil.Process(server.pid).memory_info().rss / 2**20
         finally:
             server.terminate()
-            server.wait(30)
-    rows = [{"operation": "floor: asyncpg INSERT + commit", "p50_ms": pct(floor_samples, 0.5), "p99_ms": pct(floor_samples, 0.99)}]
+            await asyncio.wait_for(server.wait(), 30)
+    rows = [
+        {
+            "operation": "floor: asyncpg INSERT + commit",
+            "p50_ms": pct(floor_samples, 0.5),
+            "p99_ms": pct(floor_samples, 0.99),
+        }
+    ]
     for name, samples in seq.items():
-        rows.append({"operation": f"{name} (sequential)", "p50_ms": pct(samples, 0.5), "p99_ms": pct(samples, 0.99)})
+        rows.append(
+            {"operation": f"{name} (sequential)", "p50_ms": pct(samples, 0.5), "p99_ms": pct(samples, 0.99)}
+        )
     return {
         "quick": quick,
         "requests_per_op": n,
@@ -140,8 +166,12 @@ def render(result: dict[str, Any]) -> str:
     for row in result["rows"]:
         lines.append(f"| {row['operation']} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |")
     lines.append("")
-    lines.append(f"create throughput, 32 concurrent: {result['create_throughput_32_concurrent_per_s']:.0f} sessions/s")
-    lines.append(f"create p50 / floor p50: {result['create_p50_over_floor']:.1f}x; server RSS {result['server_rss_mib']:.0f} MiB")
+    lines.append(
+        f"create throughput, 32 concurrent: {result['create_throughput_32_concurrent_per_s']:.0f} sessions/s"
+    )
+    lines.append(
+        f"create p50 / floor p50: {result['create_p50_over_floor']:.1f}x; server RSS {result['server_rss_mib']:.0f} MiB"
+    )
     return "\n".join(lines)
 
 

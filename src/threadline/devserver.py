@@ -16,13 +16,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import asyncpg
 import uvicorn
 from pydantic import SecretStr
 
 from threadline import __version__
 from threadline.auth.keys import bootstrap_environment, create_api_key, hash_key
 from threadline.config import DEV_ENDPOINTS_FILE, Settings
-from threadline.db import apply_migrations, create_pool
+from threadline.db import apply_migrations
 from threadline.embedded.ports import ensure_port_free
 from threadline.embedded.processes import StackError
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
@@ -44,23 +45,22 @@ async def _dev_key(settings: Settings) -> str:
     The key is kept in the data dir so that every restart prints the same one.
     """
     key_file = settings.data_dir / DEV_KEY_FILE
-    pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+    conn = await asyncpg.connect(settings.database_url)
     try:
-        async with pool.acquire() as conn:
-            await apply_migrations(conn)
-            environment = await bootstrap_environment(conn)
-            if key_file.is_file():
-                key = key_file.read_text().strip()
-                live = await conn.fetchval(
-                    "SELECT 1 FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", hash_key(key)
-                )
-                if live:
-                    return key
-            _, key = await create_api_key(conn, environment.id, "dev")
-            _write_private(key_file, key + "\n")
-            return key
+        await apply_migrations(conn)
+        environment = await bootstrap_environment(conn)
+        if key_file.is_file():
+            key = key_file.read_text().strip()
+            live = await conn.fetchval(
+                "SELECT 1 FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", hash_key(key)
+            )
+            if live:
+                return key
+        _, key = await create_api_key(conn, environment.id, "dev")
+        _write_private(key_file, key + "\n")
+        return key
     finally:
-        await pool.close()
+        await conn.close()
 
 
 def _banner(settings: Settings, endpoints: StackEndpoints, key: str, port: int, started_in: float) -> str:

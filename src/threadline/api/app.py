@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -90,8 +91,13 @@ def create_app(settings: Settings) -> Starlette:
         )
         try:
             if settings.migrate_on_start:
-                async with pool.acquire() as conn:
+                # A dedicated connection: the migration lock is session-level and must not
+                # travel back into the pool if start-up is interrupted.
+                conn = await asyncpg.connect(settings.database_url)
+                try:
                     await apply_migrations(conn)
+                finally:
+                    await conn.close()
             clickhouse = None
             try:
                 clickhouse = await connect_clickhouse(settings.clickhouse_url)
