@@ -19,12 +19,12 @@ import asyncpg
 import httpx
 import pytest
 import uvicorn
-from pydantic import SecretStr
 
-from threadline.api.app import create_app
+from threadline.api.app import uvicorn_config
 from threadline.auth.keys import bootstrap_environment, create_api_key
 from threadline.config import Settings
 from threadline.db import apply_migrations
+from threadline.devserver import settings_for_stack
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
 
 
@@ -36,20 +36,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
 
 
 def settings_for(endpoints: StackEndpoints, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": endpoints.database_url,
-        "s3_endpoint": endpoints.s3_endpoint,
-        "s3_bucket": endpoints.s3_bucket,
-        "s3_region": endpoints.s3_region,
-        "s3_access_key_id": endpoints.s3_access_key_id,
-        "s3_secret_access_key": SecretStr(endpoints.s3_secret_access_key),
-        "clickhouse_url": endpoints.clickhouse_url,
-        "port": 0,
-        "auth_cache_seconds": 0.0,
-        "log_format": "json",
-    }
-    values.update(overrides)
-    return Settings().model_copy(update=values)
+    # No auth cache: tests revoke keys and expect the next request to see it.
+    values: dict[str, Any] = {"port": 0, "auth_cache_seconds": 0.0, "log_format": "json", **overrides}
+    return settings_for_stack(Settings(), endpoints).model_copy(update=values)
 
 
 @pytest.fixture(scope="session")
@@ -61,10 +50,7 @@ class ServerThread:
     """A real uvicorn server on a free port, in a thread with its own event loop."""
 
     def __init__(self, settings: Settings) -> None:
-        config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=0, log_config=None, access_log=False
-        )
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(settings, host="127.0.0.1", port=0))
         self.thread = threading.Thread(target=self.server.run, name="threadline-test-server", daemon=True)
 
     def __enter__(self) -> str:

@@ -128,18 +128,9 @@ async def _env(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _serve(settings: Settings) -> None:
-    from threadline.api.app import create_app
+    from threadline.api.app import uvicorn_config
 
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        proxy_headers=True,
-        timeout_graceful_shutdown=10,
-    )
-    uvicorn.Server(config).run()
+    uvicorn.Server(uvicorn_config(settings)).run()
 
 
 def _add_tenancy_args(parser: argparse.ArgumentParser) -> None:

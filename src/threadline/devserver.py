@@ -28,9 +28,24 @@ from threadline.embedded.ports import ensure_port_free
 from threadline.embedded.processes import StackError
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
 
-__all__ = ["run_dev"]
+__all__ = ["run_dev", "settings_for_stack"]
 
 DEV_KEY_FILE = "dev-key"
+
+
+def settings_for_stack(settings: Settings, endpoints: StackEndpoints) -> Settings:
+    """``settings`` pointed at a running embedded stack."""
+    return settings.model_copy(
+        update={
+            "database_url": endpoints.database_url,
+            "s3_endpoint": endpoints.s3_endpoint,
+            "s3_bucket": endpoints.s3_bucket,
+            "s3_region": endpoints.s3_region,
+            "s3_access_key_id": endpoints.s3_access_key_id,
+            "s3_secret_access_key": SecretStr(endpoints.s3_secret_access_key),
+            "clickhouse_url": endpoints.clickhouse_url,
+        }
+    )
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -86,17 +101,9 @@ Ctrl-C stops the server and the stack.
 
 
 async def _serve(settings: Settings, endpoints: StackEndpoints, key: str, started: float) -> None:
-    from threadline.api.app import create_app
+    from threadline.api.app import uvicorn_config
 
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(settings))
 
     async def announce() -> None:
         while not server.started:
@@ -127,18 +134,8 @@ def run_dev(settings: Settings, *, fresh: bool) -> int:
         if settings.port:
             ensure_port_free(settings.host, settings.port)
         endpoints = stack.start()
+        settings = settings_for_stack(settings, endpoints)
         env = endpoints.as_env()
-        settings = settings.model_copy(
-            update={
-                "database_url": env["THREADLINE_DATABASE_URL"],
-                "s3_endpoint": endpoints.s3_endpoint,
-                "s3_bucket": endpoints.s3_bucket,
-                "s3_region": endpoints.s3_region,
-                "s3_access_key_id": endpoints.s3_access_key_id,
-                "s3_secret_access_key": SecretStr(endpoints.s3_secret_access_key),
-                "clickhouse_url": endpoints.clickhouse_url,
-            }
-        )
         _write_private(settings.data_dir / DEV_ENDPOINTS_FILE, "".join(f"{k}={v}\n" for k, v in env.items()))
         key = asyncio.run(_dev_key(settings))
         asyncio.run(_serve(settings, endpoints, key, started))

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -26,7 +27,7 @@ from threadline.errors import ApiError
 from threadline.storage.clickhouse import ClickHouseUnavailable, apply_clickhouse_schema, connect_clickhouse
 from threadline.storage.objects import ObjectStore
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "uvicorn_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,3 +145,20 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
     )
     return app
+
+
+def uvicorn_config(settings: Settings, *, host: str | None = None, port: int | None = None) -> uvicorn.Config:
+    """How every entry point (serve, dev, tests) runs the app: our logging, no access log.
+
+    uvicorn's access log would print query strings, which may carry ``?token=``; requests are
+    logged by :class:`RequestObservabilityMiddleware` instead.
+    """
+    return uvicorn.Config(
+        create_app(settings),
+        host=settings.host if host is None else host,
+        port=settings.port if port is None else port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+        timeout_graceful_shutdown=10,
+    )
