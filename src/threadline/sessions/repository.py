@@ -78,8 +78,13 @@ def _ref_column(ref: str) -> str:
 
 
 async def current_lsn(conn: Conn) -> str:
-    """A WAL position at or after every commit this connection has made (for Threadline-Lsn)."""
-    return str(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
+    """A WAL position at or after every commit this connection has made (for Threadline-Lsn).
+
+    The flush position, not the write position: the replication consumer can always confirm
+    up to the flush position once it has seen every commit before it, so a reader waiting for
+    this LSN is never left waiting on WAL that holds no commit.
+    """
+    return str(await conn.fetchval("SELECT pg_current_wal_flush_lsn()::text"))
 
 
 async def get_session(conn: Conn, environment_id: str, ref: str) -> SessionView:
