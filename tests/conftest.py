@@ -29,10 +29,15 @@ from threadline.embedded.stack import EmbeddedStack, StackEndpoints
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
+def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
     data_dir = tmp_path_factory.mktemp("stack")
     with EmbeddedStack(data_dir) as running:
-        yield running.endpoints
+        yield running
+
+
+@pytest.fixture(scope="session")
+def stack(embedded_stack: EmbeddedStack) -> StackEndpoints:
+    return embedded_stack.endpoints
 
 
 def settings_for(endpoints: StackEndpoints, **overrides: Any) -> Settings:
@@ -157,3 +162,36 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def clickhouse_rows(endpoints: StackEndpoints, sql: str, **parameters: Any) -> list[tuple[Any, ...]]:
+    """Run a query on the stack's ClickHouse with the real client (sync, one-off)."""
+    import clickhouse_connect
+
+    from threadline.storage.clickhouse import parse_clickhouse_url
+
+    target = parse_clickhouse_url(endpoints.clickhouse_url)
+    client = clickhouse_connect.get_client(
+        host=target.host,
+        port=target.port,
+        username=target.username,
+        password=target.password,
+        database=target.database,
+        autogenerate_session_id=False,
+    )
+    try:
+        return [tuple(row) for row in client.query(sql, parameters=parameters).result_rows]
+    finally:
+        client.close()
+
+
+def eventually(check: Any, *, timeout: float = 30.0, interval: float = 0.2) -> Any:
+    """Poll ``check`` until it returns a truthy value; fail with its last value at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+        time.sleep(interval)

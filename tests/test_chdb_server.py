@@ -353,7 +353,9 @@ def test_apply_schema_is_idempotent_and_sessions_v1_dedups(sidecar: Sidecar, cli
             ) -> list[Any]:
                 return ["env_1", sid, "chat", tags, created, created, created, closed, version, deleted]
 
-            # Separate inserts = separate parts, so FINAL has to do the work.
+            # Separate inserts = separate parts, so FINAL has to do the work; stop background
+            # merges so that they cannot collapse the parts before the raw count below.
+            await aclient.command("SYSTEM STOP MERGES sessions_v1")
             await aclient.insert("sessions_v1", [row("s1", ["a"], 10, None, 0)], column_names=columns)
             await aclient.insert("sessions_v1", [row("s2", ["b"], 11, None, 0)], column_names=columns)
             await aclient.insert("sessions_v1", [row("s3", ["a", "c"], 12, None, 0)], column_names=columns)

@@ -2,19 +2,23 @@
 
 The oracle is the same rows read straight from Postgres and filtered/sorted in Python, so a wrong
 keyset comparison, a dropped or repeated row at a page boundary, or a filter that matches too much
-shows up as a difference.
+shows up as a difference. Every test runs against both list sources: a server that lists from
+Postgres, and one that lists from ClickHouse (holding a copy of the same rows).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import Tenant, bearer, make_tenant
+from tests.clickhouse_copy import insert_v1, v1_row, version_now
+from tests.conftest import ServerThread, Tenant, bearer, make_tenant, settings_for
+from threadline.embedded.stack import StackEndpoints
 
 TYPES = ["chat", "voice", "batch"]
 TAGS = ["red", "green", "blue", "gold"]
@@ -50,6 +54,28 @@ def population(base_url: str, settings: Any, db: Any) -> tuple[Tenant, list[dict
     return tenant, [dict(r) for r in rows]
 
 
+@pytest.fixture(scope="module", params=["postgres", "clickhouse"])
+def source(request: pytest.FixtureRequest) -> str:
+    value: str = request.param
+    return value
+
+
+@pytest.fixture(scope="module")
+def list_url(
+    stack: StackEndpoints,
+    settings: Any,
+    db: Any,
+    source: str,
+    population: tuple[Tenant, list[dict[str, Any]]],
+) -> Iterator[str]:
+    """A server that lists from ``source`` only; for ClickHouse, with the population copied in."""
+    if source == "clickhouse":
+        version = version_now(db)
+        insert_v1(settings, [v1_row(row, version=version) for row in population[1]])
+    with ServerThread(settings_for(stack, list_source=source)) as url:
+        yield url
+
+
 def status_of(row: dict[str, Any], now: datetime) -> str:
     if row["closed_at"] is not None:
         return "CLOSED"
@@ -82,16 +108,22 @@ def oracle(rows: list[dict[str, Any]], params: dict[str, str], now: datetime) ->
     return [r["id"] for r in chosen]
 
 
-def walk(c: httpx.Client, params: dict[str, str]) -> tuple[list[str], list[list[str]]]:
+def get(c: httpx.Client, path: str, params: dict[str, str], source: str) -> dict[str, Any]:
+    response = c.get(path, params=params)
+    assert response.status_code == 200, response.text
+    assert response.headers["threadline-list-source"] == source
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def walk(c: httpx.Client, params: dict[str, str], source: str) -> tuple[list[str], list[list[str]]]:
     """All ids page by page forwards; then the same pages walked backwards from the end."""
     pages: list[list[str]] = []
     cursor: str | None = None
     last: dict[str, Any] = {}
     while True:
         query = dict(params) | ({"page[after]": cursor} if cursor else {})
-        response = c.get("/api/v1/sessions", params=query)
-        assert response.status_code == 200, response.text
-        last = response.json()
+        last = get(c, "/api/v1/sessions", query, source)
         pages.append([s["id"] for s in last["data"]])
         cursor = last["pagination"]["next"]
         if cursor is None:
@@ -100,7 +132,7 @@ def walk(c: httpx.Client, params: dict[str, str]) -> tuple[list[str], list[list[
     backwards: list[list[str]] = [pages[-1]]
     cursor = last["pagination"]["previous"]
     while cursor is not None:
-        page = c.get("/api/v1/sessions", params=dict(params) | {"page[before]": cursor}).json()
+        page = get(c, "/api/v1/sessions", dict(params) | {"page[before]": cursor}, source)
         backwards.insert(0, [s["id"] for s in page["data"]])
         cursor = page["pagination"]["previous"]
         assert len(backwards) < 200
@@ -108,12 +140,12 @@ def walk(c: httpx.Client, params: dict[str, str]) -> tuple[list[str], list[list[
 
 
 def test_random_filters_and_cursors_match_the_oracle(
-    base_url: str, population: tuple[Tenant, list[dict[str, Any]]]
+    list_url: str, source: str, population: tuple[Tenant, list[dict[str, Any]]]
 ) -> None:
     tenant, rows = population
     rng = random.Random(7)
     created = sorted(r["created_at"] for r in rows)
-    with httpx.Client(base_url=base_url, headers=bearer(tenant.key), timeout=30) as c:
+    with httpx.Client(base_url=list_url, headers=bearer(tenant.key), timeout=30) as c:
         for _ in range(30):
             params: dict[str, str] = {
                 "sort": rng.choice(["-createdAt", "createdAt", "-lastActiveAt", "lastActiveAt"]),
@@ -133,33 +165,46 @@ def test_random_filters_and_cursors_match_the_oracle(
                 params["filter[createdAt][from]"] = rng.choice(created).isoformat()
             now = datetime.now(UTC)
             expected = oracle(rows, params, now)
-            forwards, backwards = walk(c, params)
+            forwards, backwards = walk(c, params, source)
             assert forwards == expected, params
             assert [i for page in backwards for i in page] == expected, params
             size = int(params["page[size]"])
             assert all(len(page) <= size for page in backwards)
-            count = c.get(
-                "/api/v1/sessions/count", params={k: v for k, v in params.items() if k.startswith("filter")}
-            ).json()
+            filters = {k: v for k, v in params.items() if k.startswith("filter")}
+            count = get(c, "/api/v1/sessions/count", filters, source)
             assert count["count"] == len(expected), params
             assert sum(count["byStatus"].values()) == len(expected)
+            for status in ("ACTIVE", "CLOSED", "EXPIRED"):
+                assert count["byStatus"][status] == sum(
+                    1 for r in rows if r["id"] in set(expected) and status_of(r, now) == status
+                ), params
 
 
 def test_period_filter_and_external_id_filter(
-    base_url: str, population: tuple[Tenant, list[dict[str, Any]]]
+    list_url: str, source: str, population: tuple[Tenant, list[dict[str, Any]]]
 ) -> None:
     tenant, rows = population
-    with httpx.Client(base_url=base_url, headers=bearer(tenant.key)) as c:
-        recent = c.get(
-            "/api/v1/sessions", params={"filter[createdAt][period]": "1d", "page[size]": 100}
-        ).json()
+    with httpx.Client(base_url=list_url, headers=bearer(tenant.key), timeout=30) as c:
+        recent = get(c, "/api/v1/sessions", {"filter[createdAt][period]": "1d", "page[size]": "100"}, source)
         assert len(recent["data"]) == len(rows)
-        nothing = c.get(
-            "/api/v1/sessions", params={"filter[createdAt][to]": "2000-01-01T00:00:00Z", "page[size]": 100}
-        ).json()
+        nothing = get(
+            c,
+            "/api/v1/sessions",
+            {"filter[createdAt][to]": "2000-01-01T00:00:00Z", "page[size]": "100"},
+            source,
+        )
         assert nothing["data"] == []
         assert nothing["pagination"] == {"next": None, "previous": None}
         with_external = [r for r in rows if r["external_id"]][:3]
         wanted = ",".join(r["external_id"] for r in with_external)
-        found = c.get("/api/v1/sessions", params={"filter[externalId]": wanted}).json()
+        found = get(c, "/api/v1/sessions", {"filter[externalId]": wanted}, source)
         assert {s["id"] for s in found["data"]} == {r["id"] for r in with_external}
+        # The exact microsecond of one row's creation is inside [from, to] on both sides.
+        row = rows[len(rows) // 2]
+        at = row["created_at"].isoformat()
+        exact = get(
+            c, "/api/v1/sessions", {"filter[createdAt][from]": at, "filter[createdAt][to]": at}, source
+        )
+        assert [s["id"] for s in exact["data"]] == [
+            r["id"] for r in rows if r["created_at"] == row["created_at"]
+        ]

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import REPO_ROOT, assert_error
+from tests.conftest import REPO_ROOT, assert_error, eventually
 from threadline.config import Settings
 
 
@@ -21,6 +21,10 @@ def test_healthz_and_readyz(anon: httpx.Client) -> None:
     checks = ready.json()["checks"]
     assert set(checks) == {"postgres", "s3", "clickhouse"}
     assert all(check["ok"] for check in checks.values())
+    # The consumer creates its slot shortly after the server starts.
+    replication = eventually(lambda: (r := anon.get("/readyz").json()["replication"])["slotExists"] and r)
+    assert isinstance(replication["lagBytes"], int)
+    assert replication["lagBytes"] >= 0
 
 
 def test_metrics_count_requests_by_route_template(anon: httpx.Client, client: httpx.Client) -> None:

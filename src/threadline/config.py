@@ -46,6 +46,16 @@ class Settings(BaseSettings):
 
     # ClickHouse (HTTP interface) for session lists.
     clickhouse_url: str = "http://default:@127.0.0.1:8123/threadline"
+    list_source: Literal["auto", "clickhouse", "postgres"] = Field(
+        default="auto",
+        description=(
+            "Where lists and counts come from. auto: ClickHouse once the replication slot exists "
+            "and ClickHouse answers, else Postgres. Either way Postgres is the fallback."
+        ),
+    )
+    min_lsn_wait_seconds: float = Field(
+        default=5.0, gt=0, le=60, description="How long a list with minLsn waits for replication (then 503)."
+    )
 
     # Auth
     jwt_leeway_seconds: int = Field(default=30, ge=0, le=300)
@@ -55,6 +65,11 @@ class Settings(BaseSettings):
     auth_cache_seconds: float = Field(
         default=5.0, ge=0, description="How long a verified key/secret is cached; revocation lag."
     )
+
+    # Replication of sessions into ClickHouse (one leader across all instances)
+    replication_enabled: bool = True
+    replication_batch_rows: int = Field(default=5000, ge=1, le=100_000)
+    replication_poll_interval_seconds: float = Field(default=0.1, gt=0, le=10)
 
     # Logging
     log_level: str = "INFO"

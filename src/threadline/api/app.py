@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +26,7 @@ from threadline.auth.authenticator import Authenticator
 from threadline.config import Settings, sql_dir
 from threadline.db import apply_migrations, create_pool
 from threadline.errors import ApiError
+from threadline.replication.consumer import ReplicationConsumer
 from threadline.storage.clickhouse import ClickHouseUnavailable, apply_clickhouse_schema, connect_clickhouse
 from threadline.storage.objects import ObjectStore
 
@@ -118,8 +121,24 @@ def create_app(settings: Settings) -> Starlette:
                 objects=ObjectStore(settings),
                 clickhouse=clickhouse,
             )
+            replication: asyncio.Task[None] | None = None
+            if settings.replication_enabled:
+                consumer = ReplicationConsumer(
+                    settings.database_url,
+                    settings.clickhouse_url,
+                    batch_rows=settings.replication_batch_rows,
+                    poll_interval=settings.replication_poll_interval_seconds,
+                )
+                app.state.threadline.replication = consumer
+                replication = asyncio.create_task(consumer.run(), name="threadline-replication")
             logger.info("threadline started", extra={"version": __version__})
-            yield
+            try:
+                yield
+            finally:
+                if replication is not None:
+                    replication.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await replication
         finally:
             state: AppState | None = getattr(app.state, "threadline", None)
             if state is not None and state.clickhouse is not None:

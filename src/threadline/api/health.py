@@ -12,8 +12,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from threadline.api.list_source import connect_if_missing
 from threadline.api.state import AppState, app_state
-from threadline.storage.clickhouse import connect_clickhouse, ping_clickhouse
+from threadline.replication import SLOT
+from threadline.storage.clickhouse import ping_clickhouse
 
 __all__ = ["routes"]
 
@@ -30,9 +32,7 @@ async def _check_postgres(state: AppState) -> None:
 
 
 async def _check_clickhouse(state: AppState) -> None:
-    if state.clickhouse is None:
-        state.clickhouse = await connect_clickhouse(state.settings.clickhouse_url)
-    await ping_clickhouse(state.clickhouse)
+    await ping_clickhouse(await connect_if_missing(state))
 
 
 async def _run_check(check: Callable[[], Awaitable[None]]) -> dict[str, Any]:
@@ -46,6 +46,28 @@ async def _run_check(check: Callable[[], Awaitable[None]]) -> dict[str, Any]:
     return {"ok": True, "latencyMs": round((time.perf_counter() - started) * 1000, 2)}
 
 
+async def _replication(state: AppState) -> dict[str, Any]:
+    """Mirror progress, reported but not gating readiness: a lagging list is not an outage."""
+    async with state.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            """SELECT confirmed_flush_lsn::text AS confirmed,
+                      pg_wal_lsn_diff(pg_current_wal_flush_lsn(), confirmed_flush_lsn)::bigint AS lag_bytes
+               FROM pg_replication_slots WHERE slot_name = $1""",
+            SLOT,
+        )
+    consumer = state.replication
+    report: dict[str, Any] = {
+        "slot": SLOT,
+        "slotExists": row is not None,
+        "confirmedLsn": row["confirmed"] if row else None,
+        "lagBytes": row["lag_bytes"] if row else None,
+        "thisInstanceLeads": bool(consumer and consumer.is_leader),
+    }
+    if consumer is not None and consumer.is_leader:
+        report["lagSeconds"] = round(consumer.lag_seconds, 3)
+    return report
+
+
 async def readyz(request: Request) -> Response:
     state = app_state(request)
     names = ("postgres", "s3", "clickhouse")
@@ -56,9 +78,10 @@ async def readyz(request: Request) -> Response:
     )
     checks = dict(zip(names, results, strict=True))
     ready = all(result["ok"] for result in results)
-    return JSONResponse(
-        {"status": "ready" if ready else "unavailable", "checks": checks}, 200 if ready else 503
-    )
+    body: dict[str, Any] = {"status": "ready" if ready else "unavailable", "checks": checks}
+    if checks["postgres"]["ok"]:
+        body["replication"] = await _replication(state)
+    return JSONResponse(body, 200 if ready else 503)
 
 
 async def metrics(request: Request) -> Response:

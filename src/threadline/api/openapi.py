@@ -161,7 +161,8 @@ def build_openapi() -> dict[str, Any]:
                                 },
                             },
                         },
-                    )
+                    ),
+                    503,
                 ),
             },
         },
@@ -177,7 +178,8 @@ def build_openapi() -> dict[str, Any]:
                             "type": "object",
                             "properties": {"count": {"type": "integer"}, "byStatus": {"type": "object"}},
                         },
-                    )
+                    ),
+                    503,
                 ),
             }
         },

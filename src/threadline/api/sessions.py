@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from threadline.api import list_source
 from threadline.api.bodies import read_model
 from threadline.api.state import app_state
 from threadline.auth.principal import Action, Principal, SessionRef
@@ -122,25 +123,21 @@ def _multi_params(request: Request) -> dict[str, list[str]]:
 async def list_sessions(request: Request) -> Response:
     principal = await _principal(request, Action.READ, environment_wide=True)
     query = parse_list_query(_multi_params(request))
-    # Served from Postgres until replication to ClickHouse lands; minLsn is trivially satisfied
-    # because Postgres is the source of every write.
-    async with app_state(request).pool.acquire() as conn:
-        page = await repository.list_sessions(conn, principal.environment.id, query)
+    page, source = await list_source.list_sessions(app_state(request), principal.environment.id, query)
     return JSONResponse(
         {
             "data": [session.to_json() for session in page.sessions],
             "pagination": {"next": page.next, "previous": page.previous},
         },
-        headers={LIST_SOURCE_HEADER: "postgres"},
+        headers={LIST_SOURCE_HEADER: source},
     )
 
 
 async def count_sessions(request: Request) -> Response:
     principal = await _principal(request, Action.READ, environment_wide=True)
-    filters = parse_count_query(_multi_params(request))
-    async with app_state(request).pool.acquire() as conn:
-        counts = await repository.count_sessions(conn, principal.environment.id, filters)
-    return JSONResponse(counts, headers={LIST_SOURCE_HEADER: "postgres"})
+    query = parse_count_query(_multi_params(request))
+    counts, source = await list_source.count_sessions(app_state(request), principal.environment.id, query)
+    return JSONResponse(counts, headers={LIST_SOURCE_HEADER: source})
 
 
 async def mint_session_token(request: Request) -> Response:

@@ -6,6 +6,10 @@ silently ignored returns every session, which is worse than an error.
 Cursors are keyset positions ``(sort key, id)`` in microseconds, base64url-encoded JSON. They are
 opaque to clients but carry the sort they were made for, so a cursor reused with another sort is
 refused instead of returning a wrong page.
+
+Both list sources (Postgres and ClickHouse) page the same way, and the rules for it live here once:
+:func:`keyset_scan` says which index range one page reads, and :func:`page_window` turns the rows
+that scan returned into the page and its next/previous cursors.
 """
 
 from __future__ import annotations
@@ -14,14 +18,28 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 from threadline.errors import ValidationFailed
 
-__all__ = ["Cursor", "ListQuery", "SessionFilters", "parse_count_query", "parse_list_query", "parse_lsn"]
+__all__ = [
+    "CountQuery",
+    "Cursor",
+    "KeysetScan",
+    "ListQuery",
+    "PageWindow",
+    "SessionFilters",
+    "keyset_scan",
+    "page_window",
+    "parse_count_query",
+    "parse_list_query",
+    "parse_lsn",
+]
+
+T = TypeVar("T")
 
 SortField = Literal["createdAt", "lastActiveAt"]
 STATUSES = ("ACTIVE", "CLOSED", "EXPIRED")
@@ -87,6 +105,80 @@ class ListQuery:
     after: Cursor | None = None
     before: Cursor | None = None
     min_lsn: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CountQuery:
+    filters: SessionFilters = field(default_factory=SessionFilters)
+    min_lsn: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeysetScan:
+    """The one ordered index range a page reads: ``(sort key, id)`` strictly past ``start``.
+
+    Walking backwards (``page[before]``) over a descending list is walking forwards over an
+    ascending one, so every page is a single scan in one direction, reversed afterwards if needed.
+    """
+
+    ascending: bool
+    start: Cursor | None
+    limit: int  # one more than the page size: the extra row only says whether more exist
+
+    @property
+    def comparison(self) -> Literal[">", "<"]:
+        return ">" if self.ascending else "<"
+
+    @property
+    def direction(self) -> Literal["ASC", "DESC"]:
+        return "ASC" if self.ascending else "DESC"
+
+
+def keyset_scan(query: ListQuery) -> KeysetScan:
+    backwards = query.before is not None
+    return KeysetScan(
+        ascending=query.descending == backwards,
+        start=query.after or query.before,
+        limit=query.page_size + 1,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PageWindow(Generic[T]):
+    """One page of rows in the order the client asked for, with its cursors."""
+
+    items: list[T]
+    next: str | None
+    previous: str | None
+
+
+def page_window(query: ListQuery, scanned: Sequence[T], key: Callable[[T], tuple[int, str]]) -> PageWindow[T]:
+    """Cut the rows a :func:`keyset_scan` returned into the page and its next/previous cursors.
+
+    ``key`` gives a row's ``(sort key in microseconds, id)`` as the scanned store had it: a cursor
+    must point into the order that store paged by, even if another copy of the row has moved since.
+    A page reached with ``page[before]`` always has a next page (the one it came from); one reached
+    with ``page[after]`` always has a previous page.
+    """
+    backwards = query.before is not None
+    has_more = len(scanned) > query.page_size
+    items = list(scanned[: query.page_size])
+    if backwards:
+        items.reverse()
+    if not items:
+        return PageWindow([], None, None)
+
+    def cursor_for(item: T) -> str:
+        key_us, item_id = key(item)
+        return Cursor(sort=query.sort, key_us=key_us, id=item_id).encode()
+
+    more_after = backwards or has_more
+    more_before = has_more if backwards else query.after is not None
+    return PageWindow(
+        items=items,
+        next=cursor_for(items[-1]) if more_after else None,
+        previous=cursor_for(items[0]) if more_before else None,
+    )
 
 
 def to_micros(value: datetime) -> int:
@@ -212,7 +304,8 @@ def parse_list_query(params: Mapping[str, list[str]], *, now: datetime | None = 
     )
 
 
-def parse_count_query(params: Mapping[str, list[str]], *, now: datetime | None = None) -> SessionFilters:
+def parse_count_query(params: Mapping[str, list[str]], *, now: datetime | None = None) -> CountQuery:
     _check_keys(params, _COUNT_KEYS)
-    parse_lsn(_single(params, "minLsn"))
-    return _filters(params, now or datetime.now(UTC))
+    return CountQuery(
+        filters=_filters(params, now or datetime.now(UTC)), min_lsn=parse_lsn(_single(params, "minLsn"))
+    )

@@ -6,6 +6,7 @@ appear, change and close atomically without holding a transaction open across ro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +17,14 @@ from threadline.auth.principal import Environment
 from threadline.db import Conn
 from threadline.errors import Conflict, NotFound
 from threadline.ids import new_id
-from threadline.sessions.listing import Cursor, ListQuery, SessionFilters, from_micros, to_micros
+from threadline.sessions.listing import (
+    ListQuery,
+    SessionFilters,
+    from_micros,
+    keyset_scan,
+    page_window,
+    to_micros,
+)
 from threadline.sessions.models import FRIENDLY_ID_PREFIX, ChannelView, CreateSessionBody, SessionView
 
 __all__ = [
@@ -26,6 +34,7 @@ __all__ = [
     "create_session",
     "current_lsn",
     "get_session",
+    "hydrate_sessions",
     "list_sessions",
     "patch_session",
 ]
@@ -233,40 +242,35 @@ async def list_sessions(
     now = now or datetime.now(UTC)
     args: list[Any] = []
     where = _filter_sql(environment_id, query.filters, now, args)
-    column = "s.created_at" if query.sort == "createdAt" else "s.last_active_at"
-    cursor = query.after or query.before
-    backwards = query.before is not None
-    # Walking backwards over a descending list is walking forwards over an ascending one.
-    ascending = query.descending == backwards
-    if cursor is not None:
-        args.extend([from_micros(cursor.key_us), cursor.id])
-        comparison = ">" if ascending else "<"
-        where.append(f"({column}, s.id) {comparison} (${len(args) - 1}, ${len(args)})")
-    direction = "ASC" if ascending else "DESC"
-    args.append(query.page_size + 1)
+    sort_column = "created_at" if query.sort == "createdAt" else "last_active_at"
+    scan = keyset_scan(query)
+    if scan.start is not None:
+        args.extend([from_micros(scan.start.key_us), scan.start.id])
+        where.append(f"(s.{sort_column}, s.id) {scan.comparison} (${len(args) - 1}, ${len(args)})")
+    args.append(scan.limit)
     rows = await conn.fetch(
         f"""{_SELECT} WHERE {" AND ".join(where)}
-            ORDER BY {column} {direction}, s.id {direction} LIMIT ${len(args)}""",
+            ORDER BY s.{sort_column} {scan.direction}, s.id {scan.direction} LIMIT ${len(args)}""",
         *args,
     )
-    has_more = len(rows) > query.page_size
-    views = [_view(row) for row in rows[: query.page_size]]
-    if backwards:
-        views.reverse()
+    window = page_window(query, rows, key=lambda row: (to_micros(row[sort_column]), row["id"]))
+    return Page([_view(row) for row in window.items], window.next, window.previous)
 
-    def cursor_for(view: SessionView) -> str:
-        key = view.created_at if query.sort == "createdAt" else view.last_active_at
-        return Cursor(sort=query.sort, key_us=to_micros(key), id=view.id).encode()
 
-    if not views:
-        return Page([], None, None)
-    more_after = has_more if not backwards else True
-    more_before = has_more if backwards else query.after is not None
-    return Page(
-        sessions=views,
-        next=cursor_for(views[-1]) if more_after else None,
-        previous=cursor_for(views[0]) if more_before else None,
+async def hydrate_sessions(conn: Conn, environment_id: str, ids: Sequence[str]) -> list[SessionView]:
+    """The sessions ``ids`` from Postgres, in the order given (a ClickHouse page's order).
+
+    A list page's rows come from ClickHouse, which lags Postgres: every field is read fresh here,
+    and an id Postgres no longer has in this environment (deleted, not yet replicated as deleted;
+    or never in it) drops out of the page instead of appearing with stale data.
+    """
+    if not ids:
+        return []
+    rows = await conn.fetch(
+        f"{_SELECT} WHERE s.environment_id = $1 AND s.id = ANY($2::text[])", environment_id, list(ids)
     )
+    by_id = {row["id"]: row for row in rows}
+    return [_view(by_id[session_id]) for session_id in ids if session_id in by_id]
 
 
 async def count_sessions(
