@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test lint typecheck check bench clean
+.PHONY: install run test lint typecheck check bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ test: install
 ## Benchmarks (their own embedded stack; figures to stdout and bench/results/)
 bench: install
 	$(BIN)/python bench/sessions_api.py
+	$(BIN)/python bench/list_replication.py
+
+## Benchmarks in quick mode (about a minute)
+bench-quick: install
+	$(BIN)/python bench/sessions_api.py --quick
+	$(BIN)/python bench/list_replication.py --quick
 
 lint: install
 	$(BIN)/ruff check src tests bench

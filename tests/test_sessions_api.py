@@ -281,6 +281,13 @@ def test_count_with_filters(client: httpx.Client) -> None:
         "/api/v1/sessions/count", params={"filter[type]": kind, "filter[status]": "ACTIVE", "minLsn": lsn}
     ).json()
     assert active["count"] == 1
+    for status in ("ACTIVE", "CLOSED", "EXPIRED"):
+        # Each status alone, as list and count (CLOSED alone binds no time parameter).
+        params = {"filter[type]": kind, "filter[status]": status, "minLsn": lsn}
+        listed = client.get("/api/v1/sessions", params=params)
+        assert listed.status_code == 200, listed.text
+        assert [s["status"] for s in listed.json()["data"]] == [status]
+        assert client.get("/api/v1/sessions/count", params=params).json()["count"] == 1
     assert_error(client.get("/api/v1/sessions/count", params={"filter[nope]": "1"}), 400, "unknown_parameter")
     assert_error(client.get("/api/v1/sessions/count", params={"page[size]": "5"}), 400, "unknown_parameter")
 

@@ -214,7 +214,9 @@ def _filter_sql(environment_id: str, filters: SessionFilters, now: datetime, arg
     if filters.external_ids:
         where.append(f"s.external_id = ANY({arg(list(filters.external_ids))}::text[])")
     if filters.statuses:
-        now_arg = arg(now)
+        # Only bind `now` when a condition uses it: an unused parameter has no type and
+        # Postgres refuses the statement (filter[status]=CLOSED alone).
+        now_arg = arg(now) if {"ACTIVE", "EXPIRED"} & set(filters.statuses) else ""
         conditions = {
             "CLOSED": "s.closed_at IS NOT NULL",
             "EXPIRED": f"(s.closed_at IS NULL AND s.expires_at <= {now_arg})",
