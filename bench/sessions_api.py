@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,18 +23,8 @@ import aiohttp
 import asyncpg
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from threadline.auth.keys import bootstrap_environment, create_api_key  # noqa: E402
-from threadline.db import apply_migrations  # noqa: E402
-from threadline.embedded.ports import free_port  # noqa: E402
-from threadline.embedded.stack import EmbeddedStack  # noqa: E402
-
-
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+from harness import REPO, pct, start_server, stop_server, tenant
+from threadline.embedded.stack import EmbeddedStack
 
 
 async def floor(dsn: str, n: int) -> list[float]:
@@ -105,41 +93,16 @@ async def main(quick: bool) -> dict[str, Any]:
         EmbeddedStack(Path(tmp) / "stack") as stack,
     ):
         endpoints = stack.endpoints
-        conn = await asyncpg.connect(endpoints.database_url)
-        await apply_migrations(conn)
-        env = await bootstrap_environment(conn, environment="bench")
-        _, key = await create_api_key(conn, env.id, "bench")
-        await conn.close()
-        port = free_port()
-        server = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "threadline",
-            "serve",
-            env={
-                **os.environ,
-                **endpoints.as_env(),
-                "THREADLINE_PORT": str(port),
-                "THREADLINE_LOG_LEVEL": "WARNING",
-            },
-        )
+        _, key = await tenant(endpoints, "bench")
+        server, base = await start_server(endpoints)
         try:
-            base = f"http://127.0.0.1:{port}"
             async with aiohttp.ClientSession(base_url=base, headers={"Authorization": f"Bearer {key}"}) as c:
-                for _ in range(200):
-                    try:
-                        async with c.get("/healthz") as r:
-                            if r.status == 200:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        await asyncio.sleep(0.1)
                 floor_samples = await floor(endpoints.database_url, n)
                 seq = await sequential(c, n)
                 rate = await throughput(c, n * 2, 32)
             rss = psutil.Process(server.pid).memory_info().rss / 2**20
         finally:
-            server.terminate()
-            await asyncio.wait_for(server.wait(), 30)
+            await stop_server(server)
     rows = [
         {
             "operation": "floor: asyncpg INSERT + commit",
