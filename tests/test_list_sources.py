@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.clickhouse_copy import TOP, insert_v1, session_rows, v1_row
-from tests.conftest import ServerThread, Tenant, assert_error, bearer, make_tenant, settings_for
+from tests.conftest import ServerThread, Tenant, assert_error, bearer, eventually, make_tenant, settings_for
 from threadline.config import Settings
 from threadline.db import create_pool
 from threadline.embedded.stack import StackEndpoints
@@ -246,3 +246,47 @@ def test_wait_for_lsn_follows_the_slot(settings: Settings) -> None:
             await pool.close()
 
     asyncio.run(go())
+
+
+def test_newest_first_pages_are_exact_across_creation_time_windows(
+    ch: httpx.Client, sources_tenant: Tenant, db: Any
+) -> None:
+    """Sessions spread over 90 days: pages found inside narrowed windows (1 d, 7 d, 31 d) and
+    by the final full scan must join into exactly the full order, newest and oldest first."""
+    kind = unique("windows")
+    now = datetime.now(UTC)
+    # Written straight into Postgres (the API stamps created_at itself); the consumer mirrors
+    # them. created_at is immutable, as it must be: it is ClickHouse's partition key.
+    ids = db(
+        "fetch",
+        """INSERT INTO sessions (id, environment_id, project_id, organization_id, type, created_at,
+                                 updated_at, last_active_at)
+           SELECT 'session_window' || lpad(g::text, 18, '0') || $2, e.id, e.project_id, e.organization_id,
+                  $2, $3::timestamptz - g * interval '3 days', $3::timestamptz, $3::timestamptz
+           FROM environments e, generate_series(0, 29) AS g WHERE e.id = $1
+           RETURNING id, created_at""",
+        sources_tenant.environment_id,
+        kind,
+        now,
+    )
+    db(
+        "execute",
+        "INSERT INTO channels (session_id, io) SELECT id, io FROM sessions, (VALUES ('out'), ('in')) v (io) WHERE type = $1",
+        kind,
+    )
+    expected = [r["id"] for r in sorted(ids, key=lambda r: (r["created_at"], r["id"]), reverse=True)]
+    eventually(lambda: counted(ch, **{"filter[type]": kind})["count"] == 30)
+    for sort, order in (("-createdAt", expected), ("createdAt", expected[::-1])):
+        for size in ("1", "4", "11"):
+            seen: list[str] = []
+            cursor: str | None = None
+            for _ in range(40):
+                params = {"filter[type]": kind, "sort": sort, "page[size]": size}
+                page = ch.get(
+                    "/api/v1/sessions", params=params | ({"page[after]": cursor} if cursor else {})
+                ).json()
+                seen += [s["id"] for s in page["data"]]
+                cursor = page["pagination"]["next"]
+                if cursor is None:
+                    break
+            assert seen == order, (sort, size)

@@ -19,7 +19,7 @@ page; the page itself is hydrated from Postgres by id (``repository.hydrate_sess
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from threadline.sessions.listing import (
@@ -42,6 +42,8 @@ __all__ = [
 ]
 
 TABLE = "sessions_v1"
+# Creation-time windows tried, in order, for createdAt pages before scanning everything.
+CREATED_AT_WINDOWS = (timedelta(days=1), timedelta(days=7), timedelta(days=31))
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +100,25 @@ def _where(environment_id: str, filters: SessionFilters, now: datetime) -> tuple
     return where, params
 
 
-def list_statement(environment_id: str, query: ListQuery, now: datetime) -> Statement:
-    """One keyset page (plus one row) of ``(session_id, sort key in µs)`` in scan order."""
+def list_statement(
+    environment_id: str,
+    query: ListQuery,
+    now: datetime,
+    *,
+    created_from_us: int | None = None,
+    created_to_us: int | None = None,
+) -> Statement:
+    """One keyset page (plus one row) of ``(session_id, sort key in µs)`` in scan order.
+
+    ``created_from_us`` / ``created_to_us`` narrow the scan to a creation-time window (see
+    :func:`list_session_ids`)."""
     where, params = _where(environment_id, query.filters, now)
+    if created_from_us is not None:
+        where.append(f"created_at >= {_timestamp('window_from_us')}")
+        params["window_from_us"] = created_from_us
+    if created_to_us is not None:
+        where.append(f"created_at <= {_timestamp('window_to_us')}")
+        params["window_to_us"] = created_to_us
     column = "created_at" if query.sort == "createdAt" else "last_active_at"
     scan = keyset_scan(query)
     if scan.start is not None:
@@ -142,11 +160,54 @@ async def list_session_ids(
 
     Raises ClickHouseUnavailable / ClickHouseError (the caller falls back to Postgres).
     """
-    statement = list_statement(environment_id, query, now or datetime.now(UTC))
+    now = now or datetime.now(UTC)
+    scan = keyset_scan(query)
+    if query.sort == "createdAt":
+        # FINAL merges every row it reads, so reading a whole environment costs ~100 ms per
+        # million sessions, while a page usually lies within days of where the scan starts. Try
+        # growing creation-time windows from the scan's start in its direction; a window that
+        # yields a full page is exact: everything outside it sorts after every row found.
+        descending = scan.direction == "DESC"
+        if scan.start is not None:
+            anchor_us: int | None = scan.start.key_us
+        elif descending:
+            anchor_us = to_micros(now)
+        else:
+            anchor_us = await _oldest_created_us(client, environment_id)
+        for window in CREATED_AT_WINDOWS:
+            if anchor_us is None:
+                break
+            span = int(window.total_seconds() * 1_000_000)
+            statement = list_statement(
+                environment_id,
+                query,
+                now,
+                created_from_us=anchor_us - span if descending else None,
+                created_to_us=None if descending else anchor_us + span,
+            )
+            rows = await _sorted_ids(client, statement)
+            if len(rows) >= scan.limit:
+                return page_window(query, rows, key=lambda row: (row.key_us, row.id))
+    rows = await _sorted_ids(client, list_statement(environment_id, query, now))
+    return page_window(query, rows, key=lambda row: (row.key_us, row.id))
+
+
+async def _oldest_created_us(client: AsyncClient, environment_id: str) -> int | None:
+    """The earliest creation time of any row version in the environment (no FINAL needed: a lower
+    bound is all a window needs), or None when it has none."""
+    with clickhouse_errors("listing sessions"):
+        result = await client.query(
+            f"SELECT count(), toUnixTimestamp64Micro(min(created_at)) FROM {TABLE} WHERE environment_id = {{env:String}}",
+            parameters={"env": environment_id},
+        )
+    count, oldest = result.result_rows[0]
+    return int(oldest) if count else None
+
+
+async def _sorted_ids(client: AsyncClient, statement: Statement) -> list[SortedId]:
     with clickhouse_errors("listing sessions"):
         result = await client.query(statement.sql, parameters=statement.parameters)
-        rows = [SortedId(id=str(row[0]), key_us=int(row[1])) for row in result.result_rows]
-    return page_window(query, rows, key=lambda row: (row.key_us, row.id))
+    return [SortedId(id=str(row[0]), key_us=int(row[1])) for row in result.result_rows]
 
 
 async def count_sessions(
