@@ -239,4 +239,10 @@ def test_restarting_s3_keeps_endpoint_and_data(stack: EmbeddedStack) -> None:
     stack.start_service("s3")
     assert stack.service_pids()["s3"] != old_pid
     assert stack.endpoints == ep
-    assert bytes(s3_store(ep).get("survivor").bytes()) == b"still here"
+    # This failed once in ~8 full-suite runs and never alone; keep the evidence if it recurs.
+    try:
+        survivor = bytes(s3_store(ep).get("survivor").bytes())
+    except Exception as exc:
+        log = (stack.data_dir / "logs" / "s3.log").read_text(errors="replace")[-4000:]
+        raise AssertionError(f"read after S3 restart failed: {exc!r}\n--- s3.log tail ---\n{log}") from exc
+    assert survivor == b"still here"
