@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 from threadline.api.state import AppState
+from threadline.db import Conn
 from threadline.errors import ServiceUnavailable
 from threadline.replication.progress import mirror_ready, wait_for_lsn
 from threadline.sessions import clickhouse_listing, repository
@@ -31,6 +33,7 @@ from threadline.storage.clickhouse import (
 __all__ = ["ListSource", "connect_if_missing", "count_sessions", "list_sessions"]
 
 ListSource = Literal["clickhouse", "postgres"]
+T = TypeVar("T")
 
 RETRY_SECONDS = 3.0  # after ClickHouse failed, serve from Postgres this long before trying again
 MIRROR_CACHE_SECONDS = 3.0  # how long "the ClickHouse mirror is ready (or not)" is believed
@@ -107,43 +110,55 @@ def _failed(state: AppState, exc: Exception) -> None:
         _back_off(state, exc)
 
 
+async def _served(
+    state: AppState,
+    min_lsn: str | None,
+    from_clickhouse: Callable[[AsyncClient], Awaitable[T]],
+    from_postgres: Callable[[Conn], Awaitable[T]],
+) -> tuple[T, ListSource]:
+    """Run a read on ClickHouse when it should and can serve it, else on Postgres."""
+    client = await _clickhouse(state)
+    if client is not None:
+        await _wait_for_replication(state, min_lsn)
+        try:
+            async with asyncio.timeout(QUERY_TIMEOUT_SECONDS):
+                return await from_clickhouse(client), "clickhouse"
+        except (ClickHouseUnavailable, ClickHouseError, TimeoutError) as exc:
+            _failed(state, exc)
+    async with state.pool.acquire() as conn:
+        return await from_postgres(conn), "postgres"
+
+
 async def list_sessions(
     state: AppState, environment_id: str, query: ListQuery
 ) -> tuple[repository.Page, ListSource]:
     """One page and where its ids came from; raises ServiceUnavailable if minLsn is not reached."""
-    client = await _clickhouse(state)
-    if client is not None:
-        await _wait_for_replication(state, query.min_lsn)
-        try:
-            async with asyncio.timeout(QUERY_TIMEOUT_SECONDS):
-                window = await clickhouse_listing.list_session_ids(client, environment_id, query)
-        except (ClickHouseUnavailable, ClickHouseError, TimeoutError) as exc:
-            _failed(state, exc)
-        else:
-            async with state.pool.acquire() as conn:
-                sessions = await repository.hydrate_sessions(
-                    conn, environment_id, [item.id for item in window.items]
-                )
-            # Cursors keep ClickHouse's keys: if Postgres has a newer lastActiveAt (replication lag),
-            # paging must still continue from where ClickHouse's order put the row.
-            return repository.Page(sessions, window.next, window.previous), "clickhouse"
-    async with state.pool.acquire() as conn:
-        return await repository.list_sessions(conn, environment_id, query), "postgres"
+
+    async def from_clickhouse(client: AsyncClient) -> repository.Page:
+        window = await clickhouse_listing.list_session_ids(client, environment_id, query)
+        async with state.pool.acquire() as conn:
+            sessions = await repository.hydrate_sessions(
+                conn, environment_id, [item.id for item in window.items]
+            )
+        # Cursors keep ClickHouse's keys: if Postgres has a newer lastActiveAt (replication lag),
+        # paging must still continue from where ClickHouse's order put the row.
+        return repository.Page(sessions, window.next, window.previous)
+
+    return await _served(
+        state,
+        query.min_lsn,
+        from_clickhouse,
+        lambda conn: repository.list_sessions(conn, environment_id, query),
+    )
 
 
 async def count_sessions(
     state: AppState, environment_id: str, query: CountQuery
 ) -> tuple[dict[str, Any], ListSource]:
     """``{count, byStatus}`` and where it was counted; raises ServiceUnavailable like a list."""
-    client = await _clickhouse(state)
-    if client is not None:
-        await _wait_for_replication(state, query.min_lsn)
-        try:
-            async with asyncio.timeout(QUERY_TIMEOUT_SECONDS):
-                counts = await clickhouse_listing.count_sessions(client, environment_id, query.filters)
-        except (ClickHouseUnavailable, ClickHouseError, TimeoutError) as exc:
-            _failed(state, exc)
-        else:
-            return counts, "clickhouse"
-    async with state.pool.acquire() as conn:
-        return await repository.count_sessions(conn, environment_id, query.filters), "postgres"
+    return await _served(
+        state,
+        query.min_lsn,
+        lambda client: clickhouse_listing.count_sessions(client, environment_id, query.filters),
+        lambda conn: repository.count_sessions(conn, environment_id, query.filters),
+    )
