@@ -4,6 +4,7 @@ with a key, and percentiles."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
@@ -68,3 +69,12 @@ async def tenant(endpoints: StackEndpoints, name: str) -> tuple[Any, str]:
         return env, key
     finally:
         await conn.close()
+
+
+def write_results(name: str, result: dict[str, Any], table: str) -> None:
+    """Print the table and keep it, with the raw figures, under bench/results/."""
+    print(table)
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.md").write_text(table + "\n")

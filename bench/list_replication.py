@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +29,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from harness import REPO, pct, start_server, stop_server, tenant
+from harness import pct, start_server, stop_server, tenant, write_results
 from threadline.config import sql_dir
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
 from threadline.storage.clickhouse import apply_clickhouse_schema, connect_clickhouse
@@ -322,9 +321,4 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sessions", type=int, default=None)
     result = asyncio.run(main(parser.parse_args()))
-    table = render(result)
-    print(table)
-    out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "list_replication.json").write_text(json.dumps(result, indent=2))
-    (out / "list_replication.md").write_text(table + "\n")
+    write_results("list_replication", result, render(result))

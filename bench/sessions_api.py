@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
@@ -23,7 +22,7 @@ import aiohttp
 import asyncpg
 import psutil
 
-from harness import REPO, pct, start_server, stop_server, tenant
+from harness import pct, start_server, stop_server, tenant, write_results
 from threadline.embedded.stack import EmbeddedStack
 
 
@@ -143,9 +142,4 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     result = asyncio.run(main(args.quick))
-    table = render(result)
-    print(table)
-    out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sessions_api.json").write_text(json.dumps(result, indent=2))
-    (out / "sessions_api.md").write_text(table + "\n")
+    write_results("sessions_api", result, render(result))

@@ -24,9 +24,6 @@ class Settings(BaseSettings):
     # HTTP server
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    public_url: str | None = Field(
-        default=None, description="Base URL clients use to reach this server (used in printed examples)."
-    )
 
     # Postgres: the source of truth.
     database_url: str = Field(

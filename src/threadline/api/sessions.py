@@ -14,6 +14,7 @@ from threadline.api.bodies import read_model
 from threadline.api.state import app_state
 from threadline.auth.principal import Action, Principal, SessionRef
 from threadline.auth.tokens import mint_token
+from threadline.db import Conn
 from threadline.errors import Forbidden, ValidationFailed
 from threadline.sessions import repository
 from threadline.sessions.listing import parse_count_query, parse_list_query
@@ -44,9 +45,12 @@ async def _principal(request: Request, action: Action, *, environment_wide: bool
     return principal
 
 
-def _check_session(principal: Principal, action: Action, session: SessionView) -> None:
+async def _authorized_session(conn: Conn, principal: Principal, action: Action, ref: str) -> SessionView:
+    """Load ``ref`` in the caller's environment (404 otherwise) and check the scope on it (403)."""
+    session = await repository.get_session(conn, principal.environment.id, ref)
     if not principal.may_on_session(action, SessionRef(session.id, session.external_id)):
         raise Forbidden(f"this credential has no {action.value} scope for session {session.id}")
+    return session
 
 
 def _json(data: Any, status_code: int = 200, lsn: str | None = None) -> JSONResponse:
@@ -66,8 +70,7 @@ async def create_session(request: Request) -> Response:
 async def get_session(request: Request) -> Response:
     principal = await _principal(request, Action.READ)
     async with app_state(request).pool.acquire() as conn:
-        session = await repository.get_session(conn, principal.environment.id, request.path_params["session"])
-    _check_session(principal, Action.READ, session)
+        session = await _authorized_session(conn, principal, Action.READ, request.path_params["session"])
     return _json(session.to_json())
 
 
@@ -92,9 +95,7 @@ async def patch_session(request: Request) -> Response:
         changes[_PATCH_COLUMNS[field]] = value
     ref = request.path_params["session"]
     async with app_state(request).pool.acquire() as conn:
-        _check_session(
-            principal, Action.WRITE, await repository.get_session(conn, principal.environment.id, ref)
-        )
+        await _authorized_session(conn, principal, Action.WRITE, ref)
         session = await repository.patch_session(conn, principal.environment.id, ref, changes)
         lsn = await repository.current_lsn(conn)
     return _json(session.to_json(), lsn=lsn)
@@ -105,9 +106,7 @@ async def close_session(request: Request) -> Response:
     body = await read_model(request, CloseSessionBody, allow_empty=True)
     ref = request.path_params["session"]
     async with app_state(request).pool.acquire() as conn:
-        _check_session(
-            principal, Action.WRITE, await repository.get_session(conn, principal.environment.id, ref)
-        )
+        await _authorized_session(conn, principal, Action.WRITE, ref)
         session, _ = await repository.close_session(conn, principal.environment.id, ref, body.reason or None)
         lsn = await repository.current_lsn(conn)
     return _json(session.to_json(), lsn=lsn)
@@ -149,8 +148,7 @@ async def mint_session_token(request: Request) -> Response:
     if ttl > settings.session_token_max_ttl_seconds:
         raise ValidationFailed(f"expiresInSeconds may be at most {settings.session_token_max_ttl_seconds}")
     async with state.pool.acquire() as conn:
-        session = await repository.get_session(conn, principal.environment.id, request.path_params["session"])
-        _check_session(principal, Action.ADMIN, session)
+        session = await _authorized_session(conn, principal, Action.ADMIN, request.path_params["session"])
         secret = await conn.fetchval(
             "SELECT signing_secret FROM environments WHERE id = $1", principal.environment.id
         )
