@@ -7,12 +7,17 @@ BIN    := $(VENV)/bin
 
 .PHONY: install run test lint typecheck check bench bench-quick clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed conformance/node_modules/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# The Durable Streams conformance suite (Node), run by tests/test_conformance.py.
+conformance/node_modules/.installed: conformance/package-lock.json
+	npm ci --prefix conformance --no-audit --no-fund --loglevel=error
 	touch $@
 
 ## Run the server on the embedded stack (Postgres + SeaweedFS + chDB) under ./.threadline
@@ -27,11 +32,13 @@ test: install
 bench: install
 	$(BIN)/python bench/sessions_api.py
 	$(BIN)/python bench/list_replication.py
+	$(BIN)/python bench/streams.py
 
 ## Benchmarks in quick mode (about a minute)
 bench-quick: install
 	$(BIN)/python bench/sessions_api.py --quick
 	$(BIN)/python bench/list_replication.py --quick
+	$(BIN)/python bench/streams.py --quick
 
 lint: install
 	$(BIN)/ruff check src tests bench

@@ -55,8 +55,9 @@ FROM generate_series(1, $6) AS n
 """
 
 PG_CHANNELS = """
-INSERT INTO channels (session_id, io)
-SELECT s.id, v.io FROM sessions s CROSS JOIN (VALUES ('out'), ('in')) AS v (io)
+INSERT INTO streams (environment_id, name, session_id, io, content_type)
+SELECT s.environment_id, 'sessions/' || s.id || '/' || v.io, s.id, v.io, 'application/json'
+FROM sessions s CROSS JOIN (VALUES ('out'), ('in')) AS v (io)
 WHERE s.id LIKE 'session_bench%'
 """
 
@@ -106,7 +107,7 @@ async def load(endpoints: StackEndpoints, env: Any, count: int) -> dict[str, flo
         started = time.perf_counter()
         await conn.execute(PG_LOAD, env.id, env.project_id, env.organization_id, base, STEP_SECONDS, count)
         await conn.execute(PG_CHANNELS)
-        await conn.execute("ANALYZE sessions; ANALYZE channels")
+        await conn.execute("ANALYZE sessions; ANALYZE streams")
         timings["postgres_load_s"] = time.perf_counter() - started
     finally:
         await conn.close()

@@ -8,6 +8,11 @@ Nothing here is mocked: tests that need a service get the real one from the same
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +30,7 @@ from threadline.auth.keys import bootstrap_environment, create_api_key
 from threadline.config import Settings
 from threadline.db import apply_migrations
 from threadline.devserver import settings_for_stack
+from threadline.embedded.ports import free_port
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
 
 
@@ -77,6 +83,53 @@ class ServerThread:
 def base_url(settings: Settings) -> Iterator[str]:
     with ServerThread(settings) as url:
         yield url
+
+
+class ServeProcess:
+    """``threadline serve`` as a real child process (for kill -9 tests), on the given stack."""
+
+    def __init__(self, endpoints: StackEndpoints, log: Path, *, port: int | None = None, **env: str) -> None:
+        self.port = port or free_port()
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "threadline", "serve"],
+            env={
+                **os.environ,
+                **endpoints.as_env(),
+                "THREADLINE_PORT": str(self.port),
+                "THREADLINE_REPLICATION_POLL_INTERVAL_SECONDS": "0.05",
+                **env,
+            },
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        eventually(self._healthy, timeout=60)
+
+    def _healthy(self) -> bool:
+        assert self.proc.poll() is None, self.log.name
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def is_leader(self) -> bool:
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        match = re.search(r"^threadline_replication_leader (\S+)$", text, re.MULTILINE)
+        return match is not None and float(match.group(1)) == 1.0
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no chance to finish anything."""
+        self.proc.kill()
+        self.proc.wait(30)
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+        if not self.log.closed:
+            self.log.close()
 
 
 def run(coro: Any) -> Any:

@@ -271,7 +271,9 @@ def test_newest_first_pages_are_exact_across_creation_time_windows(
     )
     db(
         "execute",
-        "INSERT INTO channels (session_id, io) SELECT id, io FROM sessions, (VALUES ('out'), ('in')) v (io) WHERE type = $1",
+        """INSERT INTO streams (environment_id, name, session_id, io, content_type)
+           SELECT environment_id, 'sessions/' || id || '/' || io, id, io, 'application/json'
+           FROM sessions, (VALUES ('out'), ('in')) v (io) WHERE type = $1""",
         kind,
     )
     expected = [r["id"] for r in sorted(ids, key=lambda r: (r["created_at"], r["id"]), reverse=True)]

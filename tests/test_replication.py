@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,11 +14,19 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import Tenant, bearer, clickhouse_rows, eventually, make_tenant, run, settings_for
+from tests.conftest import (
+    ServeProcess,
+    Tenant,
+    bearer,
+    clickhouse_rows,
+    eventually,
+    make_tenant,
+    run,
+    settings_for,
+)
 from threadline.auth.keys import bootstrap_environment
 from threadline.config import sql_dir
 from threadline.db import apply_migrations
-from threadline.embedded.ports import free_port
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
 from threadline.replication import SLOT
 from threadline.replication.consumer import ReplicationConsumer
@@ -191,43 +194,6 @@ def test_backfill_copies_pre_existing_sessions_exactly_once(private_stack: Embed
     clickhouse_rows(endpoints, "TRUNCATE TABLE sessions_v1")
     clickhouse_rows(endpoints, "TRUNCATE TABLE replication_state")
     run(_run_consumer_until(endpoints, lambda: _mirror_counts(endpoints, environment_id) == (10_000, 10_000)))
-
-
-class ServeProcess:
-    def __init__(self, endpoints: StackEndpoints, log: Path) -> None:
-        self.port = free_port()
-        self.log = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "threadline", "serve"],
-            env={
-                **os.environ,
-                **endpoints.as_env(),
-                "THREADLINE_PORT": str(self.port),
-                "THREADLINE_REPLICATION_POLL_INTERVAL_SECONDS": "0.05",
-            },
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-        eventually(self._healthy, timeout=60)
-
-    def _healthy(self) -> bool:
-        assert self.proc.poll() is None, self.log.name
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def is_leader(self) -> bool:
-        text = httpx.get(f"{self.url}/metrics", timeout=5).text
-        match = re.search(r"^threadline_replication_leader (\S+)$", text, re.MULTILINE)
-        return match is not None and float(match.group(1)) == 1.0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-        self.log.close()
 
 
 @pytest.mark.slow

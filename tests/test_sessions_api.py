@@ -57,7 +57,7 @@ def test_create_returns_the_full_session_with_an_lsn(client: httpx.Client) -> No
         assert session["channels"][io] == {
             "records": 0,
             "bytes": 0,
-            "tailOffset": "00000000000000000000",
+            "tailOffset": "0000000000000000_0000000000000000",
             "closed": False,
             "firstRecordAt": None,
             "lastRecordAt": None,
@@ -86,7 +86,7 @@ def test_concurrent_creates_with_one_external_id_make_one_session(client: httpx.
     assert len({r.json()["id"] for r in responses}) == 1
     assert db("fetchval", "SELECT count(*) FROM sessions WHERE external_id = $1", external_id) == 1
     session_id = responses[0].json()["id"]
-    assert db("fetchval", "SELECT count(*) FROM channels WHERE session_id = $1", session_id) == 2
+    assert db("fetchval", "SELECT count(*) FROM streams WHERE session_id = $1", session_id) == 2
 
 
 def test_create_with_the_external_id_of_a_closed_session_is_409(client: httpx.Client) -> None:
@@ -256,7 +256,7 @@ def test_concurrent_closes_agree_on_one_close(client: httpx.Client, db: Any) -> 
     assert {r.status_code for r in responses} == {200}
     bodies = [r.json() for r in responses]
     assert len({(b["closedAt"], b["closedReason"]) for b in bodies}) == 1
-    closed_at = db("fetch", "SELECT DISTINCT closed_at FROM channels WHERE session_id = $1", session["id"])
+    closed_at = db("fetch", "SELECT DISTINCT closed_at FROM streams WHERE session_id = $1", session["id"])
     assert len(closed_at) == 1
     assert closed_at[0]["closed_at"] is not None
 

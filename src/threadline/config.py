@@ -68,6 +68,32 @@ class Settings(BaseSettings):
     replication_batch_rows: int = Field(default=5000, ge=1, le=100_000)
     replication_poll_interval_seconds: float = Field(default=0.1, gt=0, le=10)
 
+    # Channels and Durable Streams
+    long_poll_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="How long a live=long-poll read waits for new data (then 204).",
+    )
+    sse_heartbeat_seconds: float = Field(
+        default=15.0, gt=0, le=300, description="Idle SSE connections get a comment line this often."
+    )
+    sse_send_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="An SSE reader that takes no bytes for this long is dropped."
+    )
+    commit_concurrency: int = Field(
+        default=2,
+        ge=1,
+        le=32,
+        description="Group commits whose object PUTs may overlap (they commit in order).",
+    )
+    chunk_cache_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=0, description="In-memory cache of recent record chunks, per instance."
+    )
+    max_read_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=64 * 1024, description="Most record bytes one catch-up read returns."
+    )
+
     # Logging
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"

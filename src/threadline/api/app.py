@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Router
 
 from threadline import __version__
-from threadline.api import health, openapi, sessions
+from threadline.api import health, openapi, sessions, streams
 from threadline.api.middleware import RequestObservabilityMiddleware, SecurityHeadersMiddleware
 from threadline.api.state import AppState
 from threadline.auth.authenticator import Authenticator
@@ -29,6 +29,7 @@ from threadline.errors import ApiError
 from threadline.replication.consumer import ReplicationConsumer
 from threadline.storage.clickhouse import ClickHouseUnavailable, apply_clickhouse_schema, connect_clickhouse
 from threadline.storage.objects import ObjectStore
+from threadline.streams.engine import StreamEngine
 
 __all__ = ["create_app", "uvicorn_config"]
 
@@ -49,6 +50,7 @@ CORS_ALLOW_HEADERS = [
     "Stream-Closed",
     "Stream-Forked-From",
     "Stream-Fork-Offset",
+    "Stream-Fork-Sub-Offset",
 ]
 CORS_EXPOSE_HEADERS = [
     "Threadline-Lsn",
@@ -66,6 +68,7 @@ CORS_EXPOSE_HEADERS = [
     "Producer-Seq",
     "Producer-Expected-Seq",
     "Producer-Received-Seq",
+    "Stream-SSE-Data-Encoding",
 ]
 
 
@@ -110,6 +113,8 @@ def create_app(settings: Settings) -> Starlette:
             except ClickHouseUnavailable as exc:
                 # Lists fall back to Postgres; /readyz reports ClickHouse until it answers.
                 logger.warning("clickhouse unavailable at start", extra={"error": str(exc)})
+            objects = ObjectStore(settings)
+            engine = StreamEngine(settings, pool, objects)
             app.state.threadline = AppState(
                 settings=settings,
                 pool=pool,
@@ -118,7 +123,8 @@ def create_app(settings: Settings) -> Starlette:
                     cache_seconds=settings.auth_cache_seconds,
                     jwt_leeway_seconds=settings.jwt_leeway_seconds,
                 ),
-                objects=ObjectStore(settings),
+                objects=objects,
+                streams=engine,
                 clickhouse=clickhouse,
             )
             replication: asyncio.Task[None] | None = None
@@ -131,10 +137,12 @@ def create_app(settings: Settings) -> Starlette:
                 )
                 app.state.threadline.replication = consumer
                 replication = asyncio.create_task(consumer.run(), name="threadline-replication")
+            await engine.start()
             logger.info("threadline started", extra={"version": __version__})
             try:
                 yield
             finally:
+                await engine.stop()
                 if replication is not None:
                     replication.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -145,7 +153,7 @@ def create_app(settings: Settings) -> Starlette:
                 await state.clickhouse.close()
             await pool.close()
 
-    router = Router(routes=[*sessions.routes, *health.routes, *openapi.routes])
+    router = Router(routes=[*sessions.routes, *streams.routes, *health.routes, *openapi.routes])
     app = Starlette(
         routes=router.routes,
         middleware=[

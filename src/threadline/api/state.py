@@ -13,6 +13,7 @@ from threadline.auth.authenticator import Authenticator
 from threadline.config import Settings
 from threadline.replication.consumer import ReplicationConsumer
 from threadline.storage.objects import ObjectStore
+from threadline.streams.engine import StreamEngine
 
 __all__ = ["AppState", "ListSourceState", "app_state"]
 
@@ -37,6 +38,7 @@ class AppState:
     pool: asyncpg.Pool[Any]
     authenticator: Authenticator
     objects: ObjectStore
+    streams: StreamEngine
     clickhouse: Any | None  # clickhouse_connect AsyncClient, None while unreachable
     replication: ReplicationConsumer | None = None  # this instance's consumer (leader or standby)
     lists: ListSourceState = field(default_factory=ListSourceState)

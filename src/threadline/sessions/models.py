@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
+from threadline.streams.offsets import format_offset
+
 __all__ = [
     "MAX_METADATA_BYTES",
     "ChannelView",
@@ -21,7 +23,6 @@ __all__ = [
     "MintTokenBody",
     "PatchSessionBody",
     "SessionView",
-    "format_offset",
     "session_status",
 ]
 
@@ -85,11 +86,6 @@ class CloseSessionBody(_Body):
 class MintTokenBody(_Body):
     expiresInSeconds: int | None = Field(default=None, ge=60)
     scopes: list[Literal["read", "write"]] = Field(default=["read", "write"], min_length=1)
-
-
-def format_offset(position: int) -> str:
-    """Offsets are opaque to clients; zero-padding keeps them lexicographically sortable."""
-    return f"{position:020d}"
 
 
 def session_status(

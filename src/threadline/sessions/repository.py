@@ -26,6 +26,8 @@ from threadline.sessions.listing import (
     to_micros,
 )
 from threadline.sessions.models import FRIENDLY_ID_PREFIX, ChannelView, CreateSessionBody, SessionView
+from threadline.streams.live import NOTIFY_CHANNEL
+from threadline.streams.names import SESSION_CHANNEL_CONTENT_TYPE
 
 __all__ = [
     "Page",
@@ -47,8 +49,8 @@ SELECT s.id, s.environment_id, s.external_id, s.type, s.task_identifier, s.tags,
        {", ".join(f"o.{c} AS out_{c}" for c in _CHANNEL_COLUMNS)},
        {", ".join(f"i.{c} AS in_{c}" for c in _CHANNEL_COLUMNS)}
 FROM sessions s
-JOIN channels o ON o.session_id = s.id AND o.io = 'out'
-JOIN channels i ON i.session_id = s.id AND i.io = 'in'
+JOIN streams o ON o.session_id = s.id AND o.io = 'out'
+JOIN streams i ON i.session_id = s.id AND i.io = 'in'
 """
 
 
@@ -122,8 +124,9 @@ async def create_session(
                ON CONFLICT (environment_id, external_id) DO NOTHING
                RETURNING id
            ), c AS (
-               INSERT INTO channels (session_id, io)
-               SELECT s.id, v.io FROM s CROSS JOIN (VALUES ('out'), ('in')) AS v (io)
+               INSERT INTO streams (environment_id, name, session_id, io, content_type)
+               SELECT $2, 'sessions/' || s.id || '/' || v.io, s.id, v.io, $11
+               FROM s CROSS JOIN (VALUES ('out'), ('in')) AS v (io)
            )
            SELECT id FROM s""",
         session_id,
@@ -136,6 +139,7 @@ async def create_session(
         body.tags,
         body.metadata,
         body.expiresAt,
+        SESSION_CHANNEL_CONTENT_TYPE,
     )
     if inserted is not None:
         return await get_session(conn, environment.id, session_id), True
@@ -181,20 +185,35 @@ async def close_session(
     Concurrent closes serialise on the row lock: the loser's UPDATE re-checks ``closed_at IS NULL``,
     matches nothing, and returns the winner's close unchanged.
     """
-    closed = await conn.fetchval(
-        f"""WITH s AS (
-                UPDATE sessions SET closed_at = now(), closed_reason = $3, updated_at = now()
-                WHERE environment_id = $1 AND {_ref_column(ref)} = $2 AND closed_at IS NULL
-                RETURNING id, closed_at
-            ), c AS (
-                UPDATE channels SET closed_at = s.closed_at FROM s
-                WHERE channels.session_id = s.id AND channels.closed_at IS NULL
-            )
-            SELECT id FROM s""",
-        environment_id,
-        ref,
-        reason,
-    )
+    async with conn.transaction():
+        # Lock the channels first, in id order, as the group committer does: a close and an
+        # append then serialise on the stream rows, and no append commits after the close.
+        await conn.execute(
+            f"""SELECT st.id FROM streams st JOIN sessions s ON s.id = st.session_id
+                WHERE s.environment_id = $1 AND s.{_ref_column(ref)} = $2
+                ORDER BY st.id FOR UPDATE OF st""",
+            environment_id,
+            ref,
+        )
+        closed = await conn.fetchval(
+            f"""WITH s AS (
+                    UPDATE sessions SET closed_at = now(), closed_reason = $3, updated_at = now(),
+                        last_active_at = greatest(last_active_at, (
+                            SELECT max(st.last_record_at) FROM streams st WHERE st.session_id = sessions.id))
+                    WHERE environment_id = $1 AND {_ref_column(ref)} = $2 AND closed_at IS NULL
+                    RETURNING id, closed_at
+                ), c AS (
+                    UPDATE streams SET closed_at = s.closed_at FROM s
+                    WHERE streams.session_id = s.id AND streams.closed_at IS NULL
+                    RETURNING streams.id, streams.next_offset
+                )
+                SELECT s.id, (SELECT pg_notify('{NOTIFY_CHANNEL}', string_agg(c.id || ',' || c.next_offset || ',1', ';'))
+                              FROM c)
+                FROM s""",
+            environment_id,
+            ref,
+            reason,
+        )
     session = await get_session(conn, environment_id, closed or ref)
     return session, closed is not None
 

@@ -1,0 +1,514 @@
+"""The Durable Streams protocol at ``/v1/stream/<name>``: every session channel, and stand-alone
+streams, speak it, so off-the-shelf Durable Streams clients work against Threadline.
+
+    PUT     create (idempotent), optionally with a first body, closed, or as a fork
+    POST    append (bytes or JSON mode), close, idempotent producers, Stream-Seq
+    GET     catch-up read from an offset; live=long-poll; live=sse
+    HEAD    metadata
+    DELETE  delete (soft while forks read from it)
+
+Access: a session's channels (``sessions/<session id or externalId>/out|in``) follow the session
+scopes (``read:sessions:<id>`` reads, ``write:sessions:<id>`` appends); stand-alone streams need
+environment-wide ``read:sessions`` / ``write:sessions`` (or a secret key).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from threadline.api.bodies import read_body
+from threadline.api.state import AppState, app_state
+from threadline.auth.principal import Action, Principal, SessionRef
+from threadline.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from threadline.sessions import repository
+from threadline.streams.committer import AppendOutcome, AppendRequest
+from threadline.streams.heads import (
+    StreamHead,
+    StreamSettings,
+    create_stream,
+    delete_stream,
+    extend_ttl,
+    load_head,
+    load_head_by_id,
+)
+from threadline.streams.live import TailChange
+from threadline.streams.names import (
+    SESSION_PREFIX,
+    is_json,
+    media_type,
+    parse_session_channel,
+    session_channel_name,
+    validate_name,
+)
+from threadline.streams.offsets import format_offset, parse_offset
+from threadline.streams.producers import Producer
+from threadline.streams.reader import ReadResult
+from threadline.streams.records import MAX_BATCH_BYTES, check_batch, json_array, split_json
+
+__all__ = ["STREAM_PREFIX", "routes"]
+
+STREAM_PREFIX = "/v1/stream/"
+
+NEXT_OFFSET = "Stream-Next-Offset"
+UP_TO_DATE = "Stream-Up-To-Date"
+CURSOR = "Stream-Cursor"
+CLOSED = "Stream-Closed"
+
+_INTEGER = re.compile(r"^(0|[1-9][0-9]{0,17})$")
+# Cursors advance every 20 s, so CDN-cached long-poll responses expire with them (protocol §cursor).
+_CURSOR_INTERVAL_MS = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    principal: Principal
+    name: str
+    session_id: str | None
+
+
+async def _target(request: Request, action: Action) -> _Target:
+    """Authenticate, resolve the stream name, and check the caller may ``action`` it."""
+    state = app_state(request)
+    principal = await state.authenticator.authenticate(request, allow_query_token=request.method == "GET")
+    name = validate_name(request.path_params["name"])
+    channel = parse_session_channel(name)
+    if channel is None:
+        if name.startswith(SESSION_PREFIX):
+            raise NotFound(f"stream {name!r} not found", code="stream_not_found")
+        if not principal.may_on_all_sessions(action):
+            raise Forbidden(f"stand-alone streams need the environment-wide {action.value}:sessions scope")
+        return _Target(principal, name, None)
+    ref, io = channel
+    if not principal.may_on_any_session(action):
+        raise Forbidden(f"this credential lacks the {action.value}:sessions scope")
+    async with state.pool.acquire() as conn:
+        session = await repository.get_session(conn, principal.environment.id, ref)
+    if not principal.may_on_session(action, SessionRef(session.id, session.external_id)):
+        raise Forbidden(f"this credential has no {action.value} scope for session {session.id}")
+    return _Target(principal, session_channel_name(session.id, io), session.id)
+
+
+def _integer_header(request: Request, name: str) -> int | None:
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    if not _INTEGER.match(value):
+        raise ValidationFailed(f"{name} must be a non-negative integer without sign or leading zeros")
+    return int(value)
+
+
+def _flag(request: Request, name: str) -> bool:
+    value = request.headers.get(name)
+    return value is not None and value.strip().lower() == "true"
+
+
+def _expires_at(request: Request) -> datetime | None:
+    value = request.headers.get("Stream-Expires-At")
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValidationFailed("Stream-Expires-At must be an RFC 3339 timestamp") from None
+    if parsed.tzinfo is None:
+        raise ValidationFailed("Stream-Expires-At needs a time zone (e.g. Z)")
+    return parsed
+
+
+def _stream_path_name(value: str) -> str:
+    path = value.split("?", 1)[0]
+    if path.startswith(STREAM_PREFIX):
+        path = path[len(STREAM_PREFIX) :]
+    return validate_name(path.lstrip("/"))
+
+
+def _head_headers(
+    head: StreamHead, next_offset: int | None = None, closed: bool | None = None
+) -> dict[str, str]:
+    headers = {
+        "Content-Type": head.content_type,
+        NEXT_OFFSET: format_offset(head.next_offset if next_offset is None else next_offset),
+    }
+    if head.closed if closed is None else closed:
+        headers[CLOSED] = "true"
+    return headers
+
+
+def _location(request: Request) -> str:
+    return str(request.url.replace(query=""))
+
+
+# --- PUT -------------------------------------------------------------------------------------
+
+
+async def put_stream(request: Request) -> Response:
+    target = await _target(request, Action.WRITE)
+    state = app_state(request)
+    ttl = _integer_header(request, "Stream-TTL")
+    expires_at = _expires_at(request)
+    if ttl is not None and expires_at is not None:
+        raise ValidationFailed("send Stream-TTL or Stream-Expires-At, not both")
+    fork_from = request.headers.get("Stream-Forked-From")
+    fork_offset_header = request.headers.get("Stream-Fork-Offset")
+    sub_offset = _integer_header(request, "Stream-Fork-Sub-Offset") or 0
+    fork_offset: int | None = None
+    if fork_offset_header is not None:
+        position = parse_offset(fork_offset_header, name="Stream-Fork-Offset")
+        if position == "now":
+            raise ValidationFailed("Stream-Fork-Offset must be an offset (or -1)")
+        fork_offset = position
+    if fork_from is None and (
+        fork_offset_header is not None or request.headers.get("Stream-Fork-Sub-Offset") is not None
+    ):
+        raise ValidationFailed("Stream-Fork-Offset and Stream-Fork-Sub-Offset need Stream-Forked-From")
+    if sub_offset and fork_offset_header is None:
+        raise ValidationFailed("Stream-Fork-Sub-Offset needs Stream-Fork-Offset")
+    content_type = request.headers.get("content-type") or None
+    closed = _flag(request, CLOSED)
+    body = await read_body(request, MAX_BATCH_BYTES)
+
+    if target.session_id is not None:
+        return await _describe_session_channel(state, target, content_type)
+
+    settings = StreamSettings(
+        content_type=content_type,
+        ttl_seconds=ttl,
+        expires_at=expires_at,
+        closed=closed,
+        fork_source=_stream_path_name(fork_from) if fork_from is not None else None,
+        fork_offset=fork_offset,
+        fork_sub_offset=sub_offset,
+    )
+    async with state.pool.acquire() as conn:
+        created = await create_stream(
+            conn, target.principal.environment.id, target.name, settings, state.streams.reader.record_at
+        )
+    head = created.head
+    if not created.created:
+        return Response(status_code=200, headers=_head_headers(head))
+    records: list[bytes] = [created.prefix] if created.prefix is not None else []
+    if body:
+        records.extend(split_json(body, allow_empty_array=True) if is_json(head.content_type) else [body])
+    check_batch(records)
+    next_offset, is_closed = head.next_offset, False
+    if records or closed:
+        outcome = await state.streams.committer.append(
+            AppendRequest(head.id, records, content_type=None, close=closed)
+        )
+        next_offset, is_closed = outcome.next_offset, outcome.closed
+    headers = _head_headers(head, next_offset, is_closed)
+    headers["Location"] = _location(request)
+    return Response(status_code=201, headers=headers)
+
+
+async def _describe_session_channel(state: AppState, target: _Target, content_type: str | None) -> Response:
+    """A session's channels exist with the session: PUT confirms one (200) if the type fits."""
+    async with state.pool.acquire() as conn:
+        head = await load_head(conn, target.principal.environment.id, target.name)
+    if content_type is not None and media_type(content_type) != media_type(head.content_type):
+        raise Conflict(f"session channels are {head.content_type} streams", code="content_type_mismatch")
+    return Response(status_code=200, headers=_head_headers(head))
+
+
+# --- POST ------------------------------------------------------------------------------------
+
+
+def _producer(request: Request) -> Producer | None:
+    producer_id = request.headers.get("Producer-Id")
+    epoch = request.headers.get("Producer-Epoch")
+    seq = request.headers.get("Producer-Seq")
+    given = [value is not None for value in (producer_id, epoch, seq)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValidationFailed("Producer-Id, Producer-Epoch and Producer-Seq go together")
+    if not producer_id or not producer_id.strip():
+        raise ValidationFailed("Producer-Id must not be empty")
+    parsed_epoch = _integer_header(request, "Producer-Epoch")
+    parsed_seq = _integer_header(request, "Producer-Seq")
+    assert parsed_epoch is not None
+    assert parsed_seq is not None
+    return Producer(producer_id, parsed_epoch, parsed_seq)
+
+
+async def append_records(
+    state: AppState, head: StreamHead, request: Request, body: bytes, *, close: bool
+) -> tuple[AppendOutcome, Producer | None]:
+    """Validate one append request's headers and body against ``head`` and commit it."""
+    producer = _producer(request)
+    stream_seq = request.headers.get("Stream-Seq")
+    content_type = request.headers.get("content-type")
+    records: list[bytes] = []
+    if body:
+        if not content_type:
+            raise ValidationFailed("an append needs a Content-Type")
+        if media_type(content_type) != media_type(head.content_type):
+            raise Conflict(
+                f"content type {media_type(content_type)!r} does not match the stream's "
+                f"{media_type(head.content_type)!r}",
+                code="content_type_mismatch",
+            )
+        records = split_json(body, allow_empty_array=False) if is_json(head.content_type) else [body]
+        check_batch(records)
+    elif not close:
+        raise ValidationFailed("an append needs a body (or Stream-Closed: true)", code="empty_append")
+    outcome = await state.streams.committer.append(
+        AppendRequest(
+            head.id,
+            records,
+            content_type=content_type if records else None,
+            close=close,
+            producer=producer,
+            stream_seq=stream_seq,
+        )
+    )
+    return outcome, producer
+
+
+async def post_stream(request: Request) -> Response:
+    target = await _target(request, Action.WRITE)
+    state = app_state(request)
+    body = await read_body(request, MAX_BATCH_BYTES)
+    async with state.pool.acquire() as conn:
+        head = await load_head(conn, target.principal.environment.id, target.name)
+    outcome, producer = await append_records(state, head, request, body, close=_flag(request, CLOSED))
+    headers = {NEXT_OFFSET: format_offset(outcome.next_offset)}
+    if outcome.closed:
+        headers[CLOSED] = "true"
+    status = 204
+    if producer is not None:
+        headers["Producer-Epoch"] = str(outcome.producer_epoch)
+        headers["Producer-Seq"] = str(outcome.producer_seq)
+        status = 200 if outcome.appended else 204
+    return Response(status_code=status, headers=headers)
+
+
+# --- GET / HEAD ------------------------------------------------------------------------------
+
+
+def _cursor(request: Request) -> str:
+    """Increasing cursors: the current 20 s interval, or past the client's echoed cursor."""
+    current = int(time.time() * 1000) // _CURSOR_INTERVAL_MS
+    echoed = request.query_params.get("cursor")
+    if echoed is not None and echoed.isdigit() and int(echoed) >= current:
+        current = int(echoed) + 1 + secrets.randbelow(3)
+    return str(current)
+
+
+def _read_body(head: StreamHead, result: ReadResult) -> bytes:
+    if is_json(head.content_type):
+        return json_array(result.records)
+    return b"".join(result.records)
+
+
+def _etag(head: StreamHead, start: int, result: ReadResult, closed: bool) -> str:
+    return f'"{head.id}.{start}.{result.next_offset}{".c" if closed else ""}"'
+
+
+async def get_stream(request: Request) -> Response:
+    offsets = request.query_params.getlist("offset")
+    if len(offsets) > 1:
+        raise ValidationFailed("send one offset")
+    live = request.query_params.get("live")
+    if live not in (None, "long-poll", "sse"):
+        raise ValidationFailed("live must be long-poll or sse")
+    if live is not None and not offsets:
+        raise ValidationFailed(f"live={live} needs an offset")
+    position = parse_offset(offsets[0]) if offsets else 0
+    target = await _target(request, Action.READ)
+    state = app_state(request)
+    async with state.pool.acquire() as conn:
+        head = await load_head(conn, target.principal.environment.id, target.name)
+        await extend_ttl(conn, head)
+    start = head.next_offset if position == "now" else position
+    if start > head.next_offset:
+        raise ValidationFailed("offset is beyond the end of the stream", code="offset_out_of_range")
+    if live == "sse":
+        return _sse(request, state, head, start)
+    if live == "long-poll":
+        return await _long_poll(request, state, head, start)
+    result = await state.streams.reader.read(head, start)
+    return _read_response(request, head, start, result, no_store=position == "now")
+
+
+def _read_response(
+    request: Request,
+    head: StreamHead,
+    start: int,
+    result: ReadResult,
+    *,
+    no_store: bool,
+    cursor: str | None = None,
+) -> Response:
+    closed_at_tail = result.closed and result.up_to_date
+    headers = {"Content-Type": head.content_type, NEXT_OFFSET: format_offset(result.next_offset)}
+    if result.up_to_date:
+        headers[UP_TO_DATE] = "true"
+    if closed_at_tail:
+        headers[CLOSED] = "true"
+    if cursor is not None:
+        headers[CURSOR] = cursor
+    etag = _etag(head, start, result, closed_at_tail)
+    headers["ETag"] = etag
+    # A read that reached the tail can grow; a read of history never changes.
+    headers["Cache-Control"] = "no-store" if no_store or result.up_to_date else "private, max-age=60"
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return Response(_read_body(head, result), status_code=200, headers=headers)
+
+
+async def _long_poll(request: Request, state: AppState, head: StreamHead, start: int) -> Response:
+    hub = state.streams.live
+    with hub.watch(head.id) as tail:
+        async with state.pool.acquire() as conn:
+            head = await load_head_by_id(conn, head.id)  # after registering: no commit missed
+        tail.apply(TailChange(head.id, head.next_offset, head.closed, None))
+        if start >= tail.next_offset and not tail.closed:
+            await tail.wait_beyond(start, state.settings.long_poll_timeout_seconds)
+        if start < tail.next_offset:
+            result = await state.streams.reader.read(head, start, tail=tail)
+            return _read_response(request, head, start, result, no_store=True, cursor=_cursor(request))
+    headers = {
+        NEXT_OFFSET: format_offset(max(start, tail.next_offset)),
+        UP_TO_DATE: "true",
+        "Cache-Control": "no-store",
+    }
+    if tail.closed:
+        headers[CLOSED] = "true"
+    else:
+        headers[CURSOR] = _cursor(request)
+    return Response(status_code=204, headers=headers)
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _sse_event(event: str, data: str) -> bytes:
+    # One data: line per line of the payload, so no byte of a record can end the event early.
+    lines = "".join(f"data:{line}\n" for line in _LINE_BREAK.split(data))
+    return f"event: {event}\n{lines}\n".encode()
+
+
+def _sse(request: Request, state: AppState, head: StreamHead, start: int) -> Response:
+    text = is_json(head.content_type) or media_type(head.content_type).startswith("text/")
+    headers = {"Cache-Control": "no-cache", "Content-Type": "text/event-stream"}
+    if not text:
+        headers["Stream-SSE-Data-Encoding"] = "base64"
+
+    async def events() -> AsyncIterator[bytes]:
+        hub = state.streams.live
+        position = start
+        with hub.watch(head.id) as tail:
+            async with state.pool.acquire() as conn:
+                fresh = await load_head_by_id(conn, head.id)
+            tail.apply(TailChange(fresh.id, fresh.next_offset, fresh.closed, None))
+            announced = False
+            while True:
+                result = await state.streams.reader.read(fresh, position, tail=tail)
+                # Data and its control event go out in one write: a reader never sees data
+                # without the offset that resumes after it.
+                frame = b""
+                if result.records:
+                    frame = _sse_event("data", _sse_data(fresh, result, text))
+                    position = result.next_offset
+                if result.records or not announced:
+                    yield frame + _sse_event("control", _control(request, result, position))
+                    announced = True
+                if result.closed and position >= result.tail_offset:
+                    return
+                if position >= result.tail_offset:
+                    await tail.wait_beyond(position, state.settings.sse_heartbeat_seconds)
+
+    return EventSourceResponse(
+        events(),
+        headers=headers,
+        ping=state.settings.sse_heartbeat_seconds,
+        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
+        sep="\n",
+        send_timeout=state.settings.sse_send_timeout_seconds,
+    )
+
+
+def _sse_data(head: StreamHead, result: ReadResult, text: bool) -> str:
+    if is_json(head.content_type):
+        return json_array(result.records).decode()
+    joined = b"".join(result.records)
+    if text:
+        return joined.decode("utf-8", errors="replace")
+    return base64.b64encode(joined).decode()
+
+
+def _control(request: Request, result: ReadResult, position: int) -> str:
+    control: dict[str, Any] = {"streamNextOffset": format_offset(position)}
+    up_to_date = position >= result.tail_offset
+    if result.closed and up_to_date:
+        control["streamClosed"] = True
+    else:
+        control["streamCursor"] = _cursor(request)
+    if up_to_date:
+        control["upToDate"] = True
+    return orjson.dumps(control).decode()
+
+
+async def head_stream(request: Request) -> Response:
+    target = await _target(request, Action.READ)
+    state = app_state(request)
+    async with state.pool.acquire() as conn:
+        head = await load_head(conn, target.principal.environment.id, target.name)
+    headers = _head_headers(head)
+    headers["Cache-Control"] = "no-store"
+    if head.ttl_seconds is not None:
+        headers["Stream-TTL"] = str(head.ttl_seconds)
+    if head.expires_at is not None:
+        headers["Stream-Expires-At"] = head.expires_at.isoformat().replace("+00:00", "Z")
+    return Response(status_code=200, headers=headers)
+
+
+# --- DELETE ----------------------------------------------------------------------------------
+
+
+async def delete_stream_route(request: Request) -> Response:
+    target = await _target(request, Action.WRITE)
+    if target.session_id is not None:
+        raise Conflict(
+            "a session's channels are deleted with the session; close it instead", code="session_channel"
+        )
+    state = app_state(request)
+    async with state.pool.acquire() as conn:
+        head = await load_head(conn, target.principal.environment.id, target.name)
+        await delete_stream(conn, head)
+    return Response(status_code=204)
+
+
+async def stream_endpoint(request: Request) -> Response:
+    handler = {
+        "GET": get_stream,
+        "HEAD": head_stream,
+        "PUT": put_stream,
+        "POST": post_stream,
+        "DELETE": delete_stream_route,
+    }[request.method]
+    return await handler(request)
+
+
+routes = [
+    Route(
+        STREAM_PREFIX + "{name:path}",
+        stream_endpoint,
+        methods=["GET", "HEAD", "PUT", "POST", "DELETE"],
+        name="streams",
+    ),
+]

@@ -1,0 +1,62 @@
+"""The stream engine one server instance runs: committer, reader, live hub, activity, compactor.
+
+The API reaches streams only through this object, so the background tasks' lifetimes are in one
+place (``start`` in the app's lifespan, ``stop`` on shutdown after in-flight appends drained).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import asyncpg
+
+from threadline.config import Settings
+from threadline.storage.objects import ObjectStore
+from threadline.streams.activity import SessionActivity
+from threadline.streams.cache import ChunkCache
+from threadline.streams.committer import GroupCommitter
+from threadline.streams.live import LiveHub
+from threadline.streams.reader import StreamReader
+
+__all__ = ["StreamEngine"]
+
+
+class StreamEngine:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool[Any], objects: ObjectStore) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.objects = objects
+        self.cache = ChunkCache(settings.chunk_cache_bytes)
+        self.live = LiveHub(settings.database_url)
+        self.activity = SessionActivity(pool)
+        self.committer = GroupCommitter(
+            pool,
+            objects,
+            self.live,
+            self.cache,
+            self.activity,
+            max_inflight=settings.commit_concurrency,
+        )
+        self.reader = StreamReader(pool, objects, self.cache, max_read_bytes=settings.max_read_bytes)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self.committer.run(), name="threadline-committer"),
+            asyncio.create_task(self.live.run(), name="threadline-live"),
+            asyncio.create_task(self.activity.run(), name="threadline-activity"),
+        ]
+        # Live readers registered before the listener is up would miss other instances'
+        # commits until the first resync; a short wait makes the common case exact.
+        await self.live.wait_connected(5.0)
+
+    async def stop(self, grace_seconds: float = 10.0) -> None:
+        await self.committer.drain(grace_seconds)
+        await self.activity.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

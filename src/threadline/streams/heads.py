@@ -1,0 +1,330 @@
+"""Stream rows in Postgres: create, look up (with the fork chain), delete, TTL.
+
+A head is read without locks: it is a snapshot for routing a request and for headers. Decisions
+that must not race (appends, close) are taken under the row lock in the committer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from threadline.db import Conn
+from threadline.errors import Conflict, NotFound, ValidationFailed
+from threadline.streams.errors import StreamGone
+from threadline.streams.names import DEFAULT_CONTENT_TYPE, media_type
+
+__all__ = [
+    "Created",
+    "StreamHead",
+    "StreamSettings",
+    "create_stream",
+    "delete_stream",
+    "extend_ttl",
+    "load_head",
+    "load_head_by_id",
+    "retire",
+]
+
+_UNBOUNDED = 1 << 62
+
+_HEAD_SQL = """
+WITH RECURSIVE chain AS (
+    SELECT s.*, 0 AS depth FROM streams s WHERE {where}
+    UNION ALL
+    SELECT s.*, chain.depth + 1 FROM streams s JOIN chain ON s.id = chain.fork_source_id
+)
+SELECT id, environment_id, name, session_id, io, content_type, next_offset, trim_offset, records, bytes,
+       closed_at, ttl_seconds, expires_at, fork_source_id, fork_offset, fork_sub_offset, deleted_at, created_at,
+       last_record_at, depth,
+       EXISTS (SELECT 1 FROM streams f WHERE f.fork_source_id = chain.id AND f.deleted_at IS NULL) AS has_forks
+FROM chain ORDER BY depth
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    """What a PUT declares; a second PUT must declare the same to get 200 instead of 409.
+
+    ``content_type`` None means "not given": a fork inherits its source's, anything else gets
+    the protocol's default. A fork without TTL or expiry inherits its source's.
+    """
+
+    content_type: str | None
+    ttl_seconds: int | None = None
+    expires_at: datetime | None = None
+    closed: bool = False
+    fork_source: str | None = None
+    fork_offset: int | None = None  # None: the source's tail
+    fork_sub_offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHead:
+    id: int
+    environment_id: str
+    name: str
+    session_id: str | None
+    io: str | None
+    content_type: str
+    next_offset: int
+    trim_offset: int
+    records: int
+    bytes: int
+    closed: bool
+    ttl_seconds: int | None
+    expires_at: datetime | None
+    fork_source_id: int | None
+    fork_offset: int
+    fork_sub_offset: int
+    deleted: bool
+    has_forks: bool
+    created_at: datetime
+    last_record_at: datetime | None
+    # (stream id, low, high): which stream holds offsets [low, high), ascending.
+    lineage: tuple[tuple[int, int, int], ...]
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or datetime.now(UTC))
+
+
+def _head(rows: list[asyncpg.Record]) -> StreamHead:
+    row = rows[0]
+    parts: list[tuple[int, int, int]] = []
+    high = _UNBOUNDED
+    for link in rows:
+        low = link["fork_offset"] if link["fork_source_id"] is not None else 0
+        parts.append((link["id"], low, high))
+        high = low
+    return StreamHead(
+        id=row["id"],
+        environment_id=row["environment_id"],
+        name=row["name"],
+        session_id=row["session_id"],
+        io=row["io"],
+        content_type=row["content_type"],
+        next_offset=row["next_offset"],
+        trim_offset=row["trim_offset"],
+        records=row["records"],
+        bytes=row["bytes"],
+        closed=row["closed_at"] is not None,
+        ttl_seconds=row["ttl_seconds"],
+        expires_at=row["expires_at"],
+        fork_source_id=row["fork_source_id"],
+        fork_offset=row["fork_offset"],
+        fork_sub_offset=row["fork_sub_offset"],
+        deleted=row["deleted_at"] is not None,
+        has_forks=row["has_forks"],
+        created_at=row["created_at"],
+        last_record_at=row["last_record_at"],
+        lineage=tuple(reversed(parts)),
+    )
+
+
+async def find_head(conn: Conn, environment_id: str, name: str) -> StreamHead | None:
+    """The stream called ``name``: the live one, else the most recent soft-deleted one."""
+    rows = await conn.fetch(
+        _HEAD_SQL.format(
+            where="""s.id = (SELECT id FROM streams WHERE environment_id = $1 AND name = $2
+                              ORDER BY deleted_at IS NOT NULL, id DESC LIMIT 1)"""
+        ),
+        environment_id,
+        name,
+    )
+    return _head(rows) if rows else None
+
+
+async def load_head(conn: Conn, environment_id: str, name: str) -> StreamHead:
+    """The readable/writable stream ``name``: 404 if missing or expired, 410 if soft-deleted."""
+    head = await find_head(conn, environment_id, name)
+    if head is None or head.expired():
+        raise NotFound(f"stream {name!r} not found", code="stream_not_found")
+    if head.deleted:
+        raise StreamGone(f"stream {name!r} was deleted")
+    return head
+
+
+async def load_head_by_id(conn: Conn, stream_id: int) -> StreamHead:
+    rows = await conn.fetch(_HEAD_SQL.format(where="s.id = $1"), stream_id)
+    if not rows:
+        raise NotFound("stream not found", code="stream_not_found")
+    return _head(rows)
+
+
+def _same_settings(head: StreamHead, settings: StreamSettings, source: StreamHead | None) -> bool:
+    if settings.content_type is not None and media_type(head.content_type) != media_type(
+        settings.content_type
+    ):
+        return False
+    if settings.ttl_seconds is not None or settings.expires_at is not None or source is None:
+        if head.ttl_seconds != settings.ttl_seconds:
+            return False
+        if settings.ttl_seconds is None and head.expires_at != settings.expires_at:
+            return False
+    if settings.closed != head.closed:
+        return False
+    if source is None:
+        return head.fork_source_id is None
+    if head.fork_source_id != source.id or head.fork_sub_offset != settings.fork_sub_offset:
+        return False
+    if settings.fork_offset is None:
+        return True
+    # A JSON fork at a sub-offset starts that many messages after the requested offset.
+    shift = settings.fork_sub_offset if media_type(head.content_type) == "application/json" else 0
+    return head.fork_offset == settings.fork_offset + shift
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    head: StreamHead
+    created: bool
+    # Bytes-mode fork at a sub-offset: the prefix of the source record to append as the fork's
+    # first record (the fork point falls inside that record).
+    prefix: bytes | None = None
+
+
+async def create_stream(
+    conn: Conn,
+    environment_id: str,
+    name: str,
+    settings: StreamSettings,
+    read_record: Callable[[StreamHead, int], Awaitable[tuple[bytes, int, int]]],
+) -> Created:
+    """Create ``name`` or find the identical existing one.
+
+    An expired stream of the same name is retired first, so the name can be reused; a live one
+    with different settings, or a deleted one that forks still read from, is a 409.
+    ``read_record(source, offset)`` returns ``(record, blob_start, blob_count)`` for sub-offsets.
+    """
+    async with conn.transaction():
+        # Serialise creators of one name (the partial unique index alone would fail the loser).
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 7))", environment_id, name
+        )
+        existing = await find_head(conn, environment_id, name)
+        source: StreamHead | None = None
+        if settings.fork_source is not None:
+            source = await find_head(conn, environment_id, settings.fork_source)
+            if source is None or source.expired():
+                raise NotFound(
+                    f"fork source {settings.fork_source!r} not found", code="fork_source_not_found"
+                )
+            if source.deleted:
+                raise Conflict(
+                    f"fork source {settings.fork_source!r} was deleted", code="fork_source_deleted"
+                )
+        if existing is not None and existing.deleted:
+            raise Conflict(f"stream {name!r} was deleted and forks still read from it", code="stream_deleted")
+        if existing is not None and not existing.expired():
+            if _same_settings(existing, settings, source):
+                return Created(existing, False)
+            raise Conflict(f"stream {name!r} exists with different settings", code="stream_exists")
+        if existing is not None:
+            await retire(conn, existing)
+        content_type = settings.content_type
+        ttl_seconds, expires_at = settings.ttl_seconds, settings.expires_at
+        fork_offset = 0
+        prefix: bytes | None = None
+        if source is not None:
+            if content_type is None:
+                content_type = source.content_type
+            elif media_type(content_type) != media_type(source.content_type):
+                raise Conflict("a fork's content type must be its source's", code="content_type_mismatch")
+            if ttl_seconds is None and expires_at is None:
+                ttl_seconds, expires_at = source.ttl_seconds, source.expires_at
+            fork_offset = source.next_offset if settings.fork_offset is None else settings.fork_offset
+            if fork_offset < source.trim_offset or fork_offset > source.next_offset:
+                raise ValidationFailed(
+                    "Stream-Fork-Offset is not within the source stream", code="invalid_fork_offset"
+                )
+            if settings.fork_sub_offset:
+                if fork_offset >= source.next_offset:
+                    raise ValidationFailed(
+                        "Stream-Fork-Sub-Offset needs a record at Stream-Fork-Offset",
+                        code="invalid_fork_offset",
+                    )
+                record, blob_start, blob_count = await read_record(source, fork_offset)
+                if media_type(content_type) == "application/json":
+                    # JSON: the sub-offset counts messages of the append that starts at the offset.
+                    if blob_start != fork_offset or settings.fork_sub_offset > blob_count:
+                        raise ValidationFailed(
+                            "Stream-Fork-Sub-Offset is beyond the messages of that append",
+                            code="invalid_fork_offset",
+                        )
+                    fork_offset += settings.fork_sub_offset
+                else:
+                    if settings.fork_sub_offset > len(record):
+                        raise ValidationFailed(
+                            "Stream-Fork-Sub-Offset is beyond the end of that record",
+                            code="invalid_fork_offset",
+                        )
+                    prefix = record[: settings.fork_sub_offset]
+        if content_type is None:
+            content_type = DEFAULT_CONTENT_TYPE
+        if ttl_seconds is not None:
+            expires_at = datetime.now(UTC) + timedelta(seconds=ttl_seconds)
+        stream_id = await conn.fetchval(
+            """INSERT INTO streams (environment_id, name, content_type, ttl_seconds, expires_at,
+                                    fork_source_id, fork_offset, fork_sub_offset, next_offset)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7) RETURNING id""",
+            environment_id,
+            name,
+            content_type,
+            ttl_seconds,
+            expires_at,
+            source.id if source else None,
+            fork_offset,
+            settings.fork_sub_offset,
+        )
+        return Created(await load_head_by_id(conn, stream_id), True, prefix)
+
+
+async def retire(conn: Conn, head: StreamHead) -> None:
+    """An expired stream gives up its name: deleted now, or marked deleted while forks read it."""
+    await conn.execute("UPDATE streams SET deleted_at = coalesce(deleted_at, now()) WHERE id = $1", head.id)
+    await _purge(conn, head.id)
+
+
+async def delete_stream(conn: Conn, head: StreamHead) -> None:
+    """Delete a stream and its index; a stream that live forks read from is only marked deleted."""
+    async with conn.transaction():
+        forks = await conn.fetchval(
+            "SELECT count(*) FROM streams WHERE fork_source_id = $1 AND deleted_at IS NULL", head.id
+        )
+        await conn.execute(
+            "UPDATE streams SET deleted_at = coalesce(deleted_at, now()) WHERE id = $1", head.id
+        )
+        # With forks it stays soft-deleted: the name is taken (re-create is 409) until the last
+        # fork goes, and _purge then removes it.
+        if not forks:
+            await _purge(conn, head.id)
+
+
+async def _purge(conn: Conn, stream_id: int) -> None:
+    """Remove a deleted stream with no forks, and deleted sources left without forks."""
+    current: int | None = stream_id
+    while current is not None:
+        row = await conn.fetchrow(
+            """SELECT s.fork_source_id, s.deleted_at IS NOT NULL AS deleted,
+                      EXISTS (SELECT 1 FROM streams f WHERE f.fork_source_id = s.id) AS referenced
+               FROM streams s WHERE s.id = $1""",
+            current,
+        )
+        if row is None or not row["deleted"] or row["referenced"]:
+            return
+        await conn.execute("DELETE FROM streams WHERE id = $1", current)
+        current = row["fork_source_id"]
+
+
+async def extend_ttl(conn: Conn, head: StreamHead) -> None:
+    """Sliding TTL: a read moves the expiry (throttled: skip if it would move by under 1%)."""
+    if head.ttl_seconds is None:
+        return
+    await conn.execute(
+        """UPDATE streams SET expires_at = now() + ttl_seconds * interval '1 second'
+           WHERE id = $1 AND expires_at < now() + ttl_seconds * interval '0.99 second'""",
+        head.id,
+    )

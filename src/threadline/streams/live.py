@@ -1,0 +1,232 @@
+"""Wake-ups for live readers (long-poll and SSE).
+
+The instance that commits a batch wakes its own readers at once (:meth:`LiveHub.on_commit`) and
+publishes the same change with ``NOTIFY`` inside the commit's transaction, so other instances
+learn of exactly the committed chunks, in commit order, and wake theirs. A notification carries
+the chunk's place in its object, so a remote instance serves all its subscribers with one object
+GET (through the chunk cache) and no Postgres query.
+
+Nothing relies on a notification arriving: after the listener reconnects, and every few seconds
+while readers wait, the hub re-reads the heads of every watched stream in one query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+__all__ = ["NOTIFY_CHANNEL", "ChunkRef", "LiveHub", "StreamTail", "encode_notifications"]
+
+logger = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "threadline_streams"
+# Postgres refuses NOTIFY payloads of 8,000 bytes or more.
+_MAX_PAYLOAD = 7900
+_RECENT_CHUNKS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """Records ``[start, end)`` of a stream are ``byte_length`` bytes at ``byte_start`` of an object."""
+
+    start: int
+    end: int
+    object_key: str
+    byte_start: int
+    byte_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class TailChange:
+    stream_id: int
+    next_offset: int
+    closed: bool
+    chunk: ChunkRef | None  # None: the change is a close, or its place is unknown
+
+    def encode(self) -> str:
+        if self.chunk is None:
+            return f"{self.stream_id},{self.next_offset},{int(self.closed)}"
+        c = self.chunk
+        return (
+            f"{self.stream_id},{self.next_offset},{int(self.closed)},"
+            f"{c.start},{c.object_key},{c.byte_start},{c.byte_length}"
+        )
+
+    @classmethod
+    def decode(cls, text: str) -> TailChange:
+        parts = text.split(",")
+        stream_id, next_offset, closed = int(parts[0]), int(parts[1]), parts[2] == "1"
+        chunk = None
+        if len(parts) == 7:
+            chunk = ChunkRef(int(parts[3]), next_offset, parts[4], int(parts[5]), int(parts[6]))
+        return cls(stream_id, next_offset, closed, chunk)
+
+
+def encode_notifications(changes: Sequence[TailChange]) -> list[str]:
+    """NOTIFY payloads (each under Postgres' limit) for ``changes``, in order."""
+    payloads: list[str] = []
+    current: list[str] = []
+    size = 0
+    for change in changes:
+        text = change.encode()
+        if current and size + len(text) + 1 > _MAX_PAYLOAD:
+            payloads.append(";".join(current))
+            current, size = [], 0
+        current.append(text)
+        size += len(text) + 1
+    if current:
+        payloads.append(";".join(current))
+    return payloads
+
+
+@dataclass(eq=False, slots=True)
+class StreamTail:
+    """What this instance knows of the newest part of one watched stream."""
+
+    stream_id: int
+    next_offset: int = -1  # -1 until the first head read or change
+    closed: bool = False
+    # Contiguous chunks ending at next_offset (when non-empty), newest last.
+    recent: deque[ChunkRef] = field(default_factory=lambda: deque(maxlen=_RECENT_CHUNKS))
+    watchers: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def apply(self, change: TailChange) -> bool:
+        """Fold a change in; True when it moved the tail or closed the stream."""
+        if change.next_offset < self.next_offset or (
+            change.next_offset == self.next_offset and change.closed <= self.closed
+        ):
+            return False  # old news (our own commit, seen again through NOTIFY)
+        chunk = change.chunk
+        if chunk is not None and chunk.end > chunk.start:
+            if self.recent and self.recent[-1].end == chunk.start and self.next_offset == chunk.start:
+                self.recent.append(chunk)
+            else:
+                self.recent.clear()
+                self.recent.append(chunk)
+        elif change.next_offset != self.next_offset:
+            self.recent.clear()  # moved without a known place: readers go to the index
+        self.next_offset = max(self.next_offset, change.next_offset)
+        self.closed = self.closed or change.closed
+        self._wake()
+        return True
+
+    def _wake(self) -> None:
+        event, self.changed = self.changed, asyncio.Event()
+        event.set()
+
+    def chunks_from(self, offset: int) -> list[ChunkRef] | None:
+        """The recent chunks covering ``[offset, next_offset)``, or None if they don't reach back."""
+        if not self.recent or self.recent[0].start > offset or self.recent[-1].end != self.next_offset:
+            return None
+        return [chunk for chunk in self.recent if chunk.end > offset]
+
+    async def wait_beyond(self, offset: int, wait_seconds: float) -> bool:
+        """Wait until the tail passes ``offset`` or the stream closes; False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        while self.next_offset <= offset and not self.closed:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+        return True
+
+
+def _setter(event: asyncio.Event) -> Any:
+    return lambda _conn: event.set()
+
+
+class LiveHub:
+    """Tails of the streams someone on this instance is watching, kept current."""
+
+    def __init__(self, database_url: str, *, resync_interval: float = 5.0) -> None:
+        self._database_url = database_url
+        self._resync_interval = resync_interval
+        self._tails: dict[int, StreamTail] = {}
+        self._connected = asyncio.Event()
+        self.notifications = 0
+
+    @property
+    def watched(self) -> int:
+        return len(self._tails)
+
+    @contextlib.contextmanager
+    def watch(self, stream_id: int) -> Iterator[StreamTail]:
+        """Register interest before reading the head, so no commit falls between the two."""
+        tail = self._tails.get(stream_id)
+        if tail is None:
+            tail = self._tails[stream_id] = StreamTail(stream_id)
+        tail.watchers += 1
+        try:
+            yield tail
+        finally:
+            tail.watchers -= 1
+            if tail.watchers == 0 and self._tails.get(stream_id) is tail:
+                del self._tails[stream_id]
+
+    def on_commit(self, changes: Sequence[TailChange]) -> None:
+        for change in changes:
+            tail = self._tails.get(change.stream_id)
+            if tail is not None:
+                tail.apply(change)
+
+    def _on_notification(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+        self.notifications += 1
+        assert isinstance(payload, str)
+        try:
+            changes = [TailChange.decode(part) for part in payload.split(";") if part]
+        except (ValueError, IndexError):
+            logger.warning("ignoring malformed stream notification", extra={"payload": payload[:200]})
+            return
+        self.on_commit(changes)
+
+    async def wait_connected(self, wait_seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), wait_seconds)
+        return self._connected.is_set()
+
+    async def run(self) -> None:
+        """LISTEN forever, reconnecting; re-read watched heads after every (re)connect."""
+        backoff = 0.2
+        while True:
+            conn: asyncpg.Connection[Any] | None = None
+            try:
+                conn = await asyncpg.connect(self._database_url)
+                lost = asyncio.Event()
+                conn.add_termination_listener(_setter(lost))
+                await conn.add_listener(NOTIFY_CHANNEL, self._on_notification)
+                self._connected.set()
+                backoff = 0.2
+                while not lost.is_set():
+                    await self._resync(conn)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), self._resync_interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("stream listener connection failed", extra={"error": str(exc)})
+            finally:
+                self._connected.clear()
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 2)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _resync(self, conn: asyncpg.Connection[Any]) -> None:
+        if not self._tails:
+            return
+        rows = await conn.fetch(
+            "SELECT id, next_offset, closed_at IS NOT NULL AS closed FROM streams WHERE id = ANY($1::bigint[])",
+            list(self._tails),
+        )
+        self.on_commit([TailChange(row["id"], row["next_offset"], row["closed"], None) for row in rows])

@@ -1,0 +1,43 @@
+"""Offsets are opaque to clients: ``<16 digits>_<16 digits>``, the second part the record position.
+
+Fixed width makes offsets compare as strings exactly as they compare as numbers, which the
+Durable Streams protocol and browsers' ``Last-Event-ID`` resumption rely on. The shape matches
+the Durable Streams reference server's, so clients (and the conformance suite) that spell the
+start of a stream as ``0000000000000000_0000000000000000`` work unchanged; the first part is
+reserved and always zero here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from threadline.errors import ValidationFailed
+
+__all__ = ["NOW", "START", "Position", "format_offset", "parse_offset"]
+
+START = "-1"
+NOW = "now"
+_OFFSET = re.compile(r"^(\d{16})_(\d{16})$")
+
+Position = int | Literal["now"]
+
+
+def format_offset(position: int) -> str:
+    return f"{0:016d}_{position:016d}"
+
+
+def parse_offset(text: str, *, name: str = "offset") -> Position:
+    """``-1`` is the start of the stream, ``now`` its tail, anything else one of our offsets."""
+    if text == START:
+        return 0
+    if text == NOW:
+        return "now"
+    match = _OFFSET.match(text)
+    if match is None:
+        raise ValidationFailed(
+            f"{name} must be -1, now, or an offset returned by this server", code="invalid_offset"
+        )
+    if int(match.group(1)) != 0:
+        raise ValidationFailed(f"{name} is beyond the end of the stream", code="offset_out_of_range")
+    return int(match.group(2))
