@@ -26,7 +26,7 @@ from threadline.sessions.models import (
     SessionView,
 )
 
-__all__ = ["routes"]
+__all__ = ["authorized_session", "routes"]
 
 LSN_HEADER = "Threadline-Lsn"
 LIST_SOURCE_HEADER = "Threadline-List-Source"
@@ -45,7 +45,7 @@ async def _principal(request: Request, action: Action, *, environment_wide: bool
     return principal
 
 
-async def _authorized_session(conn: Conn, principal: Principal, action: Action, ref: str) -> SessionView:
+async def authorized_session(conn: Conn, principal: Principal, action: Action, ref: str) -> SessionView:
     """Load ``ref`` in the caller's environment (404 otherwise) and check the scope on it (403)."""
     session = await repository.get_session(conn, principal.environment.id, ref)
     if not principal.may_on_session(action, SessionRef(session.id, session.external_id)):
@@ -70,7 +70,7 @@ async def create_session(request: Request) -> Response:
 async def get_session(request: Request) -> Response:
     principal = await _principal(request, Action.READ)
     async with app_state(request).pool.acquire() as conn:
-        session = await _authorized_session(conn, principal, Action.READ, request.path_params["session"])
+        session = await authorized_session(conn, principal, Action.READ, request.path_params["session"])
     return _json(session.to_json())
 
 
@@ -95,7 +95,7 @@ async def patch_session(request: Request) -> Response:
         changes[_PATCH_COLUMNS[field]] = value
     ref = request.path_params["session"]
     async with app_state(request).pool.acquire() as conn:
-        await _authorized_session(conn, principal, Action.WRITE, ref)
+        await authorized_session(conn, principal, Action.WRITE, ref)
         session = await repository.patch_session(conn, principal.environment.id, ref, changes)
         lsn = await repository.current_lsn(conn)
     return _json(session.to_json(), lsn=lsn)
@@ -106,7 +106,7 @@ async def close_session(request: Request) -> Response:
     body = await read_model(request, CloseSessionBody, allow_empty=True)
     ref = request.path_params["session"]
     async with app_state(request).pool.acquire() as conn:
-        await _authorized_session(conn, principal, Action.WRITE, ref)
+        await authorized_session(conn, principal, Action.WRITE, ref)
         session, _ = await repository.close_session(conn, principal.environment.id, ref, body.reason or None)
         lsn = await repository.current_lsn(conn)
     return _json(session.to_json(), lsn=lsn)
@@ -148,7 +148,7 @@ async def mint_session_token(request: Request) -> Response:
     if ttl > settings.session_token_max_ttl_seconds:
         raise ValidationFailed(f"expiresInSeconds may be at most {settings.session_token_max_ttl_seconds}")
     async with state.pool.acquire() as conn:
-        session = await _authorized_session(conn, principal, Action.ADMIN, request.path_params["session"])
+        session = await authorized_session(conn, principal, Action.ADMIN, request.path_params["session"])
         secret = await conn.fetchval(
             "SELECT signing_secret FROM environments WHERE id = $1", principal.environment.id
         )

@@ -19,6 +19,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,10 +31,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from threadline.api.bodies import read_body
+from threadline.api.sessions import authorized_session
 from threadline.api.state import AppState, app_state
-from threadline.auth.principal import Action, Principal, SessionRef
+from threadline.auth.principal import Action, Principal
 from threadline.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from threadline.sessions import repository
 from threadline.streams.committer import AppendOutcome, AppendRequest
 from threadline.streams.heads import (
     StreamHead,
@@ -44,7 +45,7 @@ from threadline.streams.heads import (
     load_head,
     load_head_by_id,
 )
-from threadline.streams.live import TailChange
+from threadline.streams.live import StreamTail, TailChange
 from threadline.streams.names import (
     SESSION_PREFIX,
     is_json,
@@ -95,9 +96,7 @@ async def _target(request: Request, action: Action) -> _Target:
     if not principal.may_on_any_session(action):
         raise Forbidden(f"this credential lacks the {action.value}:sessions scope")
     async with state.pool.acquire() as conn:
-        session = await repository.get_session(conn, principal.environment.id, ref)
-    if not principal.may_on_session(action, SessionRef(session.id, session.external_id)):
-        raise Forbidden(f"this credential has no {action.value} scope for session {session.id}")
+        session = await authorized_session(conn, principal, action, ref)
     return _Target(principal, session_channel_name(session.id, io), session.id)
 
 
@@ -370,12 +369,19 @@ def _read_response(
     return Response(_read_body(head, result), status_code=200, headers=headers)
 
 
-async def _long_poll(request: Request, state: AppState, head: StreamHead, start: int) -> Response:
-    hub = state.streams.live
-    with hub.watch(head.id) as tail:
+@asynccontextmanager
+async def _watching(state: AppState, head: StreamHead) -> AsyncIterator[tuple[StreamHead, StreamTail]]:
+    """Register as a live reader of ``head``'s stream, then re-read the head: a commit between
+    the first read and the registration would otherwise be missed until the next one."""
+    with state.streams.live.watch(head.id) as tail:
         async with state.pool.acquire() as conn:
-            head = await load_head_by_id(conn, head.id)  # after registering: no commit missed
-        tail.apply(TailChange(head.id, head.next_offset, head.closed, None))
+            fresh = await load_head_by_id(conn, head.id)
+        tail.apply(TailChange(fresh.id, fresh.next_offset, fresh.closed, None))
+        yield fresh, tail
+
+
+async def _long_poll(request: Request, state: AppState, head: StreamHead, start: int) -> Response:
+    async with _watching(state, head) as (head, tail):
         if start >= tail.next_offset and not tail.closed:
             await tail.wait_beyond(start, state.settings.long_poll_timeout_seconds)
         if start < tail.next_offset:
@@ -409,12 +415,8 @@ def _sse(request: Request, state: AppState, head: StreamHead, start: int) -> Res
         headers["Stream-SSE-Data-Encoding"] = "base64"
 
     async def events() -> AsyncIterator[bytes]:
-        hub = state.streams.live
         position = start
-        with hub.watch(head.id) as tail:
-            async with state.pool.acquire() as conn:
-                fresh = await load_head_by_id(conn, head.id)
-            tail.apply(TailChange(fresh.id, fresh.next_offset, fresh.closed, None))
+        async with _watching(state, head) as (fresh, tail):
             announced = False
             while True:
                 result = await state.streams.reader.read(fresh, position, tail=tail)

@@ -309,7 +309,7 @@ class GroupCommitter:
             for pending in batch:
                 head = heads.get(pending.request.stream_id)
                 try:
-                    outcome = self._decide(pending, head, producers, changed_producers)
+                    outcome = self._decide(pending, head, key or "", producers, changed_producers)
                 except ApiError as exc:
                     outcomes.append((pending, exc))
                 else:
@@ -335,6 +335,7 @@ class GroupCommitter:
     def _decide(
         pending: _Pending,
         head: _Head | None,
+        key: str,
         producers: dict[tuple[int, str], ProducerState],
         changed_producers: set[tuple[int, str]],
     ) -> AppendOutcome:
@@ -383,7 +384,7 @@ class GroupCommitter:
         start = head.next_offset
         count = len(request.records)
         if count:
-            chunk = ChunkRef(start, start + count, "", pending.blob_start, pending.blob_length)
+            chunk = ChunkRef(start, start + count, key, pending.blob_start, pending.blob_length)
             last = head.chunks[-1] if head.chunks else None
             if (
                 last is not None
@@ -391,7 +392,7 @@ class GroupCommitter:
                 and last.byte_start + last.byte_length == pending.blob_start
             ):
                 head.chunks[-1] = ChunkRef(
-                    last.start, chunk.end, "", last.byte_start, last.byte_length + pending.blob_length
+                    last.start, chunk.end, key, last.byte_start, last.byte_length + pending.blob_length
                 )
             else:
                 head.chunks.append(chunk)
@@ -444,19 +445,6 @@ class GroupCommitter:
         }
         if not moved and not changed_producers:
             return
-        # The chunk refs only learn their object key now; the NOTIFY payload needs it.
-        if key is not None:
-            changes[:] = [
-                TailChange(
-                    c.stream_id,
-                    c.next_offset,
-                    c.closed,
-                    None
-                    if c.chunk is None
-                    else ChunkRef(c.chunk.start, c.chunk.end, key, c.chunk.byte_start, c.chunk.byte_length),
-                )
-                for c in changes
-            ]
         producer_items = [(k, producers[k]) for k in sorted(changed_producers)]
         await conn.execute(
             """WITH obj AS (
