@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
+from obstore.exceptions import NotFoundError
 from obstore.store import S3Store
 
 from threadline.embedded.ports import ensure_port_free, free_ports
@@ -34,6 +35,11 @@ HOST = "127.0.0.1"
 # The admin's maintenance worker dials admin port + 10000 whatever -admin.port.grpc says.
 ADMIN_GRPC_OFFSET = 10000
 _INIT_KEY = ".threadline-bucket-init"
+# Written once and kept: after a restart, reading it back proves the master has learned the
+# volume server's existing volumes (weed mini runs one volume server, which reports all of its
+# volumes in one heartbeat). Until then writes already work, on a new volume, but reads of
+# anything stored before the restart fail with 500 "volume N not found".
+_READY_KEY = ".threadline-volumes-ready"
 _PORTS_FILE = "threadline-ports.json"
 _LOG_KEY = re.compile(r"^[FE]\d{4} ")  # glog fatal / error lines
 
@@ -196,6 +202,10 @@ class EmbeddedS3:
         store = self.store()
         store.put(_INIT_KEY, b"")
         store.delete(_INIT_KEY)
+        try:
+            store.get(_READY_KEY).bytes()
+        except (FileNotFoundError, NotFoundError):  # a new data dir: nothing stored before
+            store.put(_READY_KEY, b"")
         return True
 
     def _remove_sockets(self, ports: S3Ports | None = None) -> None:
