@@ -219,16 +219,13 @@ def test_a_reader_that_never_reads_does_not_slow_the_writer(base_url: str, tenan
         try:
             # 32 MiB through a reader that takes nothing: far beyond every socket buffer.
             record = b"r" * (256 * 1024)
-            started = time.monotonic()
             for _ in range(128):
                 response = client.post(
                     path, headers={"Content-Type": "application/octet-stream"}, content=record
                 )
                 assert response.status_code == 204
-            elapsed = time.monotonic() - started
-            # No timing assertion (shared CI cores): the writer finishing at all, with the
-            # reader's connection still open and unread, is the property.
-            assert elapsed > 0
+            # No timing assertion (shared CI cores): every append acknowledged while the
+            # reader's connection stays open and unread is the property.
             tail = client.head(path).headers["Stream-Next-Offset"]
             assert tail.endswith("0000000000000128")
         finally:

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Router
 
 from threadline import __version__
-from threadline.api import health, openapi, sessions, streams
+from threadline.api import health, openapi, realtime, sessions, streams
 from threadline.api.middleware import RequestObservabilityMiddleware, SecurityHeadersMiddleware
 from threadline.api.state import AppState
 from threadline.auth.authenticator import Authenticator
@@ -153,7 +153,9 @@ def create_app(settings: Settings) -> Starlette:
                 await state.clickhouse.close()
             await pool.close()
 
-    router = Router(routes=[*sessions.routes, *streams.routes, *health.routes, *openapi.routes])
+    router = Router(
+        routes=[*sessions.routes, *streams.routes, *realtime.routes, *health.routes, *openapi.routes]
+    )
     app = Starlette(
         routes=router.routes,
         middleware=[

@@ -19,19 +19,18 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
-from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from threadline.api.bodies import read_body
 from threadline.api.sessions import authorized_session
+from threadline.api.sse import event_stream, sse_event, watching
 from threadline.api.state import AppState, app_state
 from threadline.auth.principal import Action, Principal
 from threadline.errors import Conflict, Forbidden, NotFound, ValidationFailed
@@ -43,9 +42,7 @@ from threadline.streams.heads import (
     delete_stream,
     extend_ttl,
     load_head,
-    load_head_by_id,
 )
-from threadline.streams.live import StreamTail, TailChange
 from threadline.streams.names import (
     SESSION_PREFIX,
     is_json,
@@ -244,12 +241,21 @@ def _producer(request: Request) -> Producer | None:
 
 
 async def append_records(
-    state: AppState, head: StreamHead, request: Request, body: bytes, *, close: bool
+    state: AppState,
+    head: StreamHead,
+    request: Request,
+    body: bytes,
+    *,
+    close: bool,
+    default_content_type: str | None = None,
 ) -> tuple[AppendOutcome, Producer | None]:
-    """Validate one append request's headers and body against ``head`` and commit it."""
+    """Validate one append request's headers and body against ``head`` and commit it.
+
+    ``default_content_type`` stands in for a missing Content-Type (the protocol demands one;
+    the session routes assume JSON)."""
     producer = _producer(request)
     stream_seq = request.headers.get("Stream-Seq")
-    content_type = request.headers.get("content-type")
+    content_type = request.headers.get("content-type") or default_content_type
     records: list[bytes] = []
     if body:
         if not content_type:
@@ -369,19 +375,8 @@ def _read_response(
     return Response(_read_body(head, result), status_code=200, headers=headers)
 
 
-@asynccontextmanager
-async def _watching(state: AppState, head: StreamHead) -> AsyncIterator[tuple[StreamHead, StreamTail]]:
-    """Register as a live reader of ``head``'s stream, then re-read the head: a commit between
-    the first read and the registration would otherwise be missed until the next one."""
-    with state.streams.live.watch(head.id) as tail:
-        async with state.pool.acquire() as conn:
-            fresh = await load_head_by_id(conn, head.id)
-        tail.apply(TailChange(fresh.id, fresh.next_offset, fresh.closed, None))
-        yield fresh, tail
-
-
 async def _long_poll(request: Request, state: AppState, head: StreamHead, start: int) -> Response:
-    async with _watching(state, head) as (head, tail):
+    async with watching(state, head) as (head, tail):
         if start >= tail.next_offset and not tail.closed:
             await tail.wait_beyond(start, state.settings.long_poll_timeout_seconds)
         if start < tail.next_offset:
@@ -399,24 +394,15 @@ async def _long_poll(request: Request, state: AppState, head: StreamHead, start:
     return Response(status_code=204, headers=headers)
 
 
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
-
-
-def _sse_event(event: str, data: str) -> bytes:
-    # One data: line per line of the payload, so no byte of a record can end the event early.
-    lines = "".join(f"data:{line}\n" for line in _LINE_BREAK.split(data))
-    return f"event: {event}\n{lines}\n".encode()
-
-
 def _sse(request: Request, state: AppState, head: StreamHead, start: int) -> Response:
     text = is_json(head.content_type) or media_type(head.content_type).startswith("text/")
-    headers = {"Cache-Control": "no-cache", "Content-Type": "text/event-stream"}
+    headers: dict[str, str] = {}
     if not text:
         headers["Stream-SSE-Data-Encoding"] = "base64"
 
     async def events() -> AsyncIterator[bytes]:
         position = start
-        async with _watching(state, head) as (fresh, tail):
+        async with watching(state, head) as (fresh, tail):
             announced = False
             while True:
                 result = await state.streams.reader.read(fresh, position, tail=tail)
@@ -424,24 +410,17 @@ def _sse(request: Request, state: AppState, head: StreamHead, start: int) -> Res
                 # without the offset that resumes after it.
                 frame = b""
                 if result.records:
-                    frame = _sse_event("data", _sse_data(fresh, result, text))
+                    frame = sse_event(event="data", data=_sse_data(fresh, result, text))
                     position = result.next_offset
                 if result.records or not announced:
-                    yield frame + _sse_event("control", _control(request, result, position))
+                    yield frame + sse_event(event="control", data=_control(request, result, position))
                     announced = True
                 if result.closed and position >= result.tail_offset:
                     return
                 if position >= result.tail_offset:
                     await tail.wait_beyond(position, state.settings.sse_heartbeat_seconds)
 
-    return EventSourceResponse(
-        events(),
-        headers=headers,
-        ping=state.settings.sse_heartbeat_seconds,
-        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
-        sep="\n",
-        send_timeout=state.settings.sse_send_timeout_seconds,
-    )
+    return event_stream(state, events(), headers)
 
 
 def _sse_data(head: StreamHead, result: ReadResult, text: bool) -> str:
