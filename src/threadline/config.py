@@ -93,6 +93,31 @@ class Settings(BaseSettings):
     max_read_bytes: int = Field(
         default=8 * 1024 * 1024, ge=64 * 1024, description="Most record bytes one catch-up read returns."
     )
+    maintenance_interval_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often the maintenance leader compacts, collects garbage and retires expired streams.",
+    )
+    gc_grace_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="How long an unreferenced or orphan object stays in the bucket before it is deleted.",
+    )
+    orphan_sweep_interval_seconds: float = Field(
+        default=3600.0, gt=0, description="How often the bucket is listed for objects no index row knows."
+    )
+    orphan_min_age_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="An object no row knows is deleted only this long after its PUT (a flush commits "
+        "within ~2 minutes of its PUT or fails).",
+    )
+    compact_min_chunks: int = Field(
+        default=16, ge=2, description="Chunks in shared batch objects before a stream is compacted."
+    )
+    compact_min_age_seconds: float = Field(
+        default=60.0, ge=0, description="Only batch objects at least this old are compacted (tails stay put)."
+    )
 
     # Logging
     log_level: str = "INFO"

@@ -30,9 +30,10 @@ from threadline.api.streams import STREAM_PREFIX, append_records
 from threadline.auth.principal import Action
 from threadline.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from threadline.sessions.models import SessionView
+from threadline.streams.errors import StreamGone
 from threadline.streams.heads import StreamHead, load_head
 from threadline.streams.names import SESSION_CHANNEL_CONTENT_TYPE, session_channel_name
-from threadline.streams.offsets import format_offset, parse_offset
+from threadline.streams.offsets import Position, format_offset, parse_offset, read_start
 from threadline.streams.records import MAX_BATCH_BYTES
 
 __all__ = ["REALTIME_PREFIX", "routes"]
@@ -152,7 +153,7 @@ def _timeout_seconds(request: Request) -> int:
     return int(value)
 
 
-def _start(request: Request) -> int | str:
+def _start(request: Request) -> Position:
     """Where to start: ``Last-Event-ID`` (a reconnecting EventSource) wins over ``?offset=``."""
     last_event_id = request.headers.get("last-event-id")
     if last_event_id:
@@ -160,7 +161,7 @@ def _start(request: Request) -> int | str:
     offsets = request.query_params.getlist("offset")
     if len(offsets) > 1:
         raise ValidationFailed("send one offset")
-    return parse_offset(offsets[0]) if offsets else 0
+    return parse_offset(offsets[0]) if offsets else "start"
 
 
 async def subscribe(request: Request) -> Response:
@@ -172,10 +173,9 @@ async def subscribe(request: Request) -> Response:
     channel = await _channel(request, Action.READ)
     state = app_state(request)
     head = await _head(state, channel)
-    start = head.next_offset if position == "now" else position
-    assert isinstance(start, int)
-    if start > head.next_offset:
-        raise ValidationFailed("offset is beyond the end of the channel", code="offset_out_of_range")
+    start = read_start(position, trim_offset=head.trim_offset, next_offset=head.next_offset)
+    if start < head.trim_offset:
+        raise StreamGone(f"records before offset {head.trim_offset} were trimmed", code="offset_trimmed")
     if head.closed and start >= head.next_offset:
         return Response(status_code=204, headers={"Stream-Next-Offset": format_offset(head.next_offset)})
     deadline = time.monotonic() + timeout_seconds

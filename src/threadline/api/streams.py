@@ -24,17 +24,19 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from threadline.api.bodies import read_body
+from threadline.api.bodies import read_body, read_model
 from threadline.api.sessions import authorized_session
 from threadline.api.sse import event_stream, sse_event, watching
 from threadline.api.state import AppState, app_state
 from threadline.auth.principal import Action, Principal
 from threadline.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from threadline.streams.committer import AppendOutcome, AppendRequest
+from threadline.streams.errors import StreamGone
 from threadline.streams.heads import (
     StreamHead,
     StreamSettings,
@@ -42,6 +44,7 @@ from threadline.streams.heads import (
     delete_stream,
     extend_ttl,
     load_head,
+    trim_stream,
 )
 from threadline.streams.names import (
     SESSION_PREFIX,
@@ -51,7 +54,7 @@ from threadline.streams.names import (
     session_channel_name,
     validate_name,
 )
-from threadline.streams.offsets import format_offset, parse_offset
+from threadline.streams.offsets import format_offset, parse_offset, read_start
 from threadline.streams.producers import Producer
 from threadline.streams.reader import ReadResult
 from threadline.streams.records import MAX_BATCH_BYTES, check_batch, json_array, split_json
@@ -59,6 +62,7 @@ from threadline.streams.records import MAX_BATCH_BYTES, check_batch, json_array,
 __all__ = ["STREAM_PREFIX", "routes"]
 
 STREAM_PREFIX = "/v1/stream/"
+TRIM_PATH = "/api/v1/streams/trim"
 
 NEXT_OFFSET = "Stream-Next-Offset"
 UP_TO_DATE = "Stream-Up-To-Date"
@@ -77,11 +81,12 @@ class _Target:
     session_id: str | None
 
 
-async def _target(request: Request, action: Action) -> _Target:
-    """Authenticate, resolve the stream name, and check the caller may ``action`` it."""
+async def _target(request: Request, action: Action, name: str | None = None) -> _Target:
+    """Authenticate, resolve the stream name (the path's unless given), and check the caller may
+    ``action`` it."""
     state = app_state(request)
     principal = await state.authenticator.authenticate(request, allow_query_token=request.method == "GET")
-    name = validate_name(request.path_params["name"])
+    name = validate_name(request.path_params["name"] if name is None else name)
     channel = parse_session_channel(name)
     if channel is None:
         if name.startswith(SESSION_PREFIX):
@@ -165,7 +170,7 @@ async def put_stream(request: Request) -> Response:
         position = parse_offset(fork_offset_header, name="Stream-Fork-Offset")
         if position == "now":
             raise ValidationFailed("Stream-Fork-Offset must be an offset (or -1)")
-        fork_offset = position
+        fork_offset = 0 if position == "start" else position
     if fork_from is None and (
         fork_offset_header is not None or request.headers.get("Stream-Fork-Sub-Offset") is not None
     ):
@@ -332,15 +337,15 @@ async def get_stream(request: Request) -> Response:
         raise ValidationFailed("live must be long-poll or sse")
     if live is not None and not offsets:
         raise ValidationFailed(f"live={live} needs an offset")
-    position = parse_offset(offsets[0]) if offsets else 0
+    position = parse_offset(offsets[0]) if offsets else "start"
     target = await _target(request, Action.READ)
     state = app_state(request)
     async with state.pool.acquire() as conn:
         head = await load_head(conn, target.principal.environment.id, target.name)
         await extend_ttl(conn, head)
-    start = head.next_offset if position == "now" else position
-    if start > head.next_offset:
-        raise ValidationFailed("offset is beyond the end of the stream", code="offset_out_of_range")
+    start = read_start(position, trim_offset=head.trim_offset, next_offset=head.next_offset)
+    if start < head.trim_offset:
+        raise StreamGone(f"records before offset {head.trim_offset} were trimmed", code="offset_trimmed")
     if live == "sse":
         return _sse(request, state, head, start)
     if live == "long-poll":
@@ -474,6 +479,34 @@ async def delete_stream_route(request: Request) -> Response:
     return Response(status_code=204)
 
 
+# --- Trim (a Threadline extension; the protocol has no retention verb) ----------------------
+
+
+class TrimBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    stream: str = Field(description="Stream name below /v1/stream/, e.g. sessions/<id>/out")
+    before: str = Field(description="Records before this offset are removed; -1 is a no-op, now the tail")
+
+
+async def trim_route(request: Request) -> Response:
+    body = await read_model(request, TrimBody)
+    target = await _target(request, Action.WRITE, body.stream.removeprefix(STREAM_PREFIX).lstrip("/"))
+    state = app_state(request)
+    position = parse_offset(body.before, name="before")
+    async with state.pool.acquire() as conn:
+        head = await load_head(conn, target.principal.environment.id, target.name)
+        before = read_start(position, trim_offset=0, next_offset=head.next_offset)
+        trim_offset, next_offset = await trim_stream(conn, head, before)
+    return JSONResponse(
+        {
+            "stream": target.name,
+            "trimOffset": format_offset(trim_offset),
+            "nextOffset": format_offset(next_offset),
+        }
+    )
+
+
 async def stream_endpoint(request: Request) -> Response:
     handler = {
         "GET": get_stream,
@@ -486,6 +519,7 @@ async def stream_endpoint(request: Request) -> Response:
 
 
 routes = [
+    Route(TRIM_PATH, trim_route, methods=["POST"], name="streams_trim"),
     Route(
         STREAM_PREFIX + "{name:path}",
         stream_endpoint,

@@ -19,6 +19,7 @@ order they commit in (a producer pipelining its sequence numbers relies on that)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -42,6 +43,17 @@ from threadline.streams.records import encode_blob
 __all__ = ["AppendOutcome", "AppendRequest", "GroupCommitter"]
 
 logger = logging.getLogger(__name__)
+
+# A flush commits within _MAX_PUT_TO_COMMIT_SECONDS of its PUT plus three bounded statements, or
+# fails: that bound is what lets the orphan sweep delete old objects no row knows
+# (THREADLINE_ORPHAN_MIN_AGE_SECONDS must stay well above it).
+_MAX_PUT_TO_COMMIT_SECONDS = 60.0
+_STATEMENT_TIMEOUT = 20.0
+
+
+class _Stalled(Exception):
+    pass
+
 
 FLUSHES = Counter("threadline_stream_flushes_total", "Group commits (one object PUT + one transaction each)")
 FLUSH_FAILURES = Counter("threadline_stream_flush_failures_total", "Group commits that failed", ["stage"])
@@ -210,8 +222,12 @@ class GroupCommitter:
             if previous is not None:
                 await previous.wait()  # transactions commit in flush order
             try:
-                changes = await self._commit(batch, key, body)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                changes = await self._commit(batch, key, body, put_done)
+            except _Stalled:
+                FLUSH_FAILURES.labels("stalled").inc()
+                self._fail(batch, ServiceUnavailable("commit stalled; retry", code="database_unavailable"))
+                return
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 FLUSH_FAILURES.labels("postgres").inc()
                 logger.warning("group commit failed", extra={"error": str(exc), "appends": len(batch)})
                 self._fail(batch, ServiceUnavailable("database unavailable", code="database_unavailable"))
@@ -219,7 +235,12 @@ class GroupCommitter:
             FLUSH_SECONDS.labels("commit").observe(time.perf_counter() - put_done)
             FLUSHES.inc()
             FLUSH_APPENDS.observe(len(batch))
-            if key is not None:
+            if key is not None and not any(change.chunk is not None for change in changes):
+                # Every append in it was refused, so no row points at the object: drop it now
+                # rather than leave it to the orphan sweep.
+                with contextlib.suppress(ObjectStoreUnavailable):
+                    await self._objects.delete([key])
+            elif key is not None:
                 for change in changes:
                     if change.chunk is not None:
                         ref = change.chunk
@@ -263,59 +284,68 @@ class GroupCommitter:
                 parts.append(blob)
         return b"".join(parts)
 
-    async def _commit(self, batch: list[_Pending], key: str | None, body: bytes) -> list[TailChange]:
+    async def _commit(
+        self, batch: list[_Pending], key: str | None, body: bytes, put_done: float
+    ) -> list[TailChange]:
         stream_ids = sorted({pending.request.stream_id for pending in batch})
         producer_keys = sorted(
             {(p.request.stream_id, p.request.producer.id) for p in batch if p.request.producer is not None}
         )
-        async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                """SELECT s.id, s.content_type, s.next_offset, s.last_stream_seq, s.session_id,
-                          s.closed_at IS NOT NULL AS closed, s.deleted_at IS NOT NULL AS deleted,
-                          coalesce(s.expires_at <= now(), false) AS expired,
-                          coalesce(ss.expires_at <= now(), false) AS session_expired
-                   FROM streams s LEFT JOIN sessions ss ON ss.id = s.session_id
-                   WHERE s.id = ANY($1::bigint[]) ORDER BY s.id FOR UPDATE OF s""",
-                stream_ids,
-            )
-            heads = {
-                row["id"]: _Head(
-                    next_offset=row["next_offset"],
-                    content_type=row["content_type"],
-                    closed=row["closed"],
-                    deleted=row["deleted"],
-                    expired=row["expired"],
-                    session_expired=row["session_expired"],
-                    last_stream_seq=row["last_stream_seq"],
-                    session_id=row["session_id"],
+        async with self._pool.acquire(timeout=_STATEMENT_TIMEOUT) as conn:
+            if time.perf_counter() - put_done > _MAX_PUT_TO_COMMIT_SECONDS:
+                # The orphan sweep deletes objects no row knows once they are old enough; an
+                # object must never gain its rows after that, so a stalled flush gives up.
+                raise _Stalled
+            async with conn.transaction():
+                rows = await conn.fetch(
+                    """SELECT s.id, s.content_type, s.next_offset, s.last_stream_seq, s.session_id,
+                              s.closed_at IS NOT NULL AS closed, s.deleted_at IS NOT NULL AS deleted,
+                              coalesce(s.expires_at <= now(), false) AS expired,
+                              coalesce(ss.expires_at <= now(), false) AS session_expired
+                       FROM streams s LEFT JOIN sessions ss ON ss.id = s.session_id
+                       WHERE s.id = ANY($1::bigint[]) ORDER BY s.id FOR UPDATE OF s""",
+                    stream_ids,
+                    timeout=_STATEMENT_TIMEOUT,
                 )
-                for row in rows
-            }
-            producers: dict[tuple[int, str], ProducerState] = {}
-            if producer_keys:
-                for row in await conn.fetch(
-                    """SELECT p.stream_id, p.producer_id, p.epoch, p.last_seq, p.last_next_offset
-                       FROM stream_producers p
-                       JOIN unnest($1::bigint[], $2::text[]) AS k (stream_id, producer_id)
-                         ON p.stream_id = k.stream_id AND p.producer_id = k.producer_id""",
-                    [k[0] for k in producer_keys],
-                    [k[1] for k in producer_keys],
-                ):
-                    producers[(row["stream_id"], row["producer_id"])] = ProducerState(
-                        row["epoch"], row["last_seq"], row["last_next_offset"]
+                heads = {
+                    row["id"]: _Head(
+                        next_offset=row["next_offset"],
+                        content_type=row["content_type"],
+                        closed=row["closed"],
+                        deleted=row["deleted"],
+                        expired=row["expired"],
+                        session_expired=row["session_expired"],
+                        last_stream_seq=row["last_stream_seq"],
+                        session_id=row["session_id"],
                     )
-            changed_producers: set[tuple[int, str]] = set()
-            outcomes: list[tuple[_Pending, AppendOutcome | ApiError]] = []
-            for pending in batch:
-                head = heads.get(pending.request.stream_id)
-                try:
-                    outcome = self._decide(pending, head, key or "", producers, changed_producers)
-                except ApiError as exc:
-                    outcomes.append((pending, exc))
-                else:
-                    outcomes.append((pending, outcome))
-            changes = self._changes(heads)
-            await self._write(conn, key, len(body), heads, producers, changed_producers, changes)
+                    for row in rows
+                }
+                producers: dict[tuple[int, str], ProducerState] = {}
+                if producer_keys:
+                    for row in await conn.fetch(
+                        """SELECT p.stream_id, p.producer_id, p.epoch, p.last_seq, p.last_next_offset
+                           FROM stream_producers p
+                           JOIN unnest($1::bigint[], $2::text[]) AS k (stream_id, producer_id)
+                             ON p.stream_id = k.stream_id AND p.producer_id = k.producer_id""",
+                        [k[0] for k in producer_keys],
+                        [k[1] for k in producer_keys],
+                        timeout=_STATEMENT_TIMEOUT,
+                    ):
+                        producers[(row["stream_id"], row["producer_id"])] = ProducerState(
+                            row["epoch"], row["last_seq"], row["last_next_offset"]
+                        )
+                changed_producers: set[tuple[int, str]] = set()
+                outcomes: list[tuple[_Pending, AppendOutcome | ApiError]] = []
+                for pending in batch:
+                    head = heads.get(pending.request.stream_id)
+                    try:
+                        outcome = self._decide(pending, head, key or "", producers, changed_producers)
+                    except ApiError as exc:
+                        outcomes.append((pending, exc))
+                    else:
+                        outcomes.append((pending, outcome))
+                changes = self._changes(heads)
+                await self._write(conn, key, len(body), heads, producers, changed_producers, changes)
         for head in heads.values():
             if head.records and head.session_id is not None:
                 self._activity.touch(head.session_id)
@@ -499,4 +529,5 @@ class GroupCommitter:
             [state.last_seq for _, state in producer_items],
             [state.last_next_offset for _, state in producer_items],
             encode_notifications(changes),
+            timeout=_STATEMENT_TIMEOUT,
         )

@@ -18,6 +18,7 @@ from threadline.streams.activity import SessionActivity
 from threadline.streams.cache import ChunkCache
 from threadline.streams.committer import GroupCommitter
 from threadline.streams.live import LiveHub
+from threadline.streams.maintenance import Maintenance
 from threadline.streams.reader import StreamReader
 
 __all__ = ["StreamEngine"]
@@ -40,6 +41,7 @@ class StreamEngine:
             max_inflight=settings.commit_concurrency,
         )
         self.reader = StreamReader(pool, objects, self.cache, max_read_bytes=settings.max_read_bytes)
+        self.maintenance = Maintenance(settings, pool, objects)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -47,6 +49,7 @@ class StreamEngine:
             asyncio.create_task(self.committer.run(), name="threadline-committer"),
             asyncio.create_task(self.live.run(), name="threadline-live"),
             asyncio.create_task(self.activity.run(), name="threadline-activity"),
+            asyncio.create_task(self.maintenance.run(), name="threadline-maintenance"),
         ]
         # Live readers registered before the listener is up would miss other instances'
         # commits until the first resync; a short wait makes the common case exact.

@@ -27,6 +27,7 @@ __all__ = [
     "load_head",
     "load_head_by_id",
     "retire",
+    "trim_stream",
 ]
 
 _UNBOUNDED = 1 << 62
@@ -268,8 +269,8 @@ async def create_stream(
             expires_at = datetime.now(UTC) + timedelta(seconds=ttl_seconds)
         stream_id = await conn.fetchval(
             """INSERT INTO streams (environment_id, name, content_type, ttl_seconds, expires_at,
-                                    fork_source_id, fork_offset, fork_sub_offset, next_offset)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7) RETURNING id""",
+                                    fork_source_id, fork_offset, fork_sub_offset, next_offset, trim_offset)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9) RETURNING id""",
             environment_id,
             name,
             content_type,
@@ -278,6 +279,8 @@ async def create_stream(
             source.id if source else None,
             fork_offset,
             settings.fork_sub_offset,
+            # What the source trimmed is gone for the fork too.
+            source.trim_offset if source else 0,
         )
         return Created(await load_head_by_id(conn, stream_id), True, prefix)
 
@@ -328,3 +331,36 @@ async def extend_ttl(conn: Conn, head: StreamHead) -> None:
            WHERE id = $1 AND expires_at < now() + ttl_seconds * interval '0.99 second'""",
         head.id,
     )
+
+
+async def trim_stream(conn: Conn, head: StreamHead, before: int) -> tuple[int, int]:
+    """Make records before ``before`` unreadable (410) and drop their index rows, whose objects the
+    collector then deletes. Trimming never moves back. Returns ``(trim offset, next offset)``.
+
+    Chunks that forks still read (below a fork's fork point) stay: a fork's history is its own.
+    Only whole chunks go; a chunk that straddles the trim point stays until a later trim passes it.
+    """
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """UPDATE streams SET trim_offset = greatest(trim_offset, $2)
+               WHERE id = $1 AND deleted_at IS NULL AND $2 <= next_offset
+               RETURNING trim_offset, next_offset""",
+            head.id,
+            before,
+        )
+        if row is None:
+            raise ValidationFailed(
+                "the trim point is beyond the end of the stream", code="offset_out_of_range"
+            )
+        # A fork reads every offset below its fork point from here: keep those chunks.
+        kept_for_forks = await conn.fetchval(
+            "SELECT coalesce(max(fork_offset), 0) FROM streams WHERE fork_source_id = $1", head.id
+        )
+        await conn.execute(
+            """DELETE FROM stream_chunks
+               WHERE stream_id = $1 AND end_offset <= $2 AND start_offset >= $3""",
+            head.id,
+            row["trim_offset"],
+            kept_for_forks,
+        )
+    return row["trim_offset"], row["next_offset"]

@@ -14,13 +14,14 @@ from typing import Literal
 
 from threadline.errors import ValidationFailed
 
-__all__ = ["NOW", "START", "Position", "format_offset", "parse_offset"]
+__all__ = ["NOW", "START", "Position", "format_offset", "parse_offset", "read_start"]
 
 START = "-1"
 NOW = "now"
 _OFFSET = re.compile(r"^(\d{16})_(\d{16})$")
 
-Position = int | Literal["now"]
+# "start": the first record still kept (offset 0 unless the stream was trimmed); "now": the tail.
+Position = int | Literal["start", "now"]
 
 
 def format_offset(position: int) -> str:
@@ -30,7 +31,7 @@ def format_offset(position: int) -> str:
 def parse_offset(text: str, *, name: str = "offset") -> Position:
     """``-1`` is the start of the stream, ``now`` its tail, anything else one of our offsets."""
     if text == START:
-        return 0
+        return "start"
     if text == NOW:
         return "now"
     match = _OFFSET.match(text)
@@ -41,3 +42,15 @@ def parse_offset(text: str, *, name: str = "offset") -> Position:
     if int(match.group(1)) != 0:
         raise ValidationFailed(f"{name} is beyond the end of the stream", code="offset_out_of_range")
     return int(match.group(2))
+
+
+def read_start(position: Position, *, trim_offset: int, next_offset: int) -> int:
+    """The record position a read from ``position`` starts at. Past the tail is a 400; before the
+    trim point is the caller's 410 (the reader refuses it), so only ``start`` skips trimmed records."""
+    if position == "start":
+        return trim_offset
+    if position == "now":
+        return next_offset
+    if position > next_offset:
+        raise ValidationFailed("offset is beyond the end of the stream", code="offset_out_of_range")
+    return position

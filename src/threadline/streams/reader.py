@@ -37,6 +37,10 @@ class ReadResult:
         return self.next_offset >= self.tail_offset
 
 
+class ObjectReplaced(ObjectStoreUnavailable):
+    """A chunk's object is gone: compacted and collected after the chunk ref was read."""
+
+
 class StreamReader:
     def __init__(
         self, pool: asyncpg.Pool[Any], objects: ObjectStore, cache: ChunkCache, *, max_read_bytes: int
@@ -47,7 +51,13 @@ class StreamReader:
         self.max_read_bytes = max_read_bytes
 
     async def read(
-        self, head: StreamHead, offset: int, *, tail: StreamTail | None = None, max_bytes: int | None = None
+        self,
+        head: StreamHead,
+        offset: int,
+        *,
+        tail: StreamTail | None = None,
+        max_bytes: int | None = None,
+        retried: bool = False,
     ) -> ReadResult:
         """Records from ``offset`` up to the tail, at most about ``max_bytes`` of them (at least one)."""
         budget = max_bytes or self.max_read_bytes
@@ -72,7 +82,16 @@ class StreamReader:
                 break
             selected.append((chunk, bound))
             size += chunk.byte_length
-        blobs = await asyncio.gather(*(self._chunk_bytes(chunk) for chunk, _ in selected))
+        try:
+            blobs = await asyncio.gather(*(self._chunk_bytes(chunk) for chunk, _ in selected))
+        except ObjectReplaced:
+            if retried:
+                raise
+            # The compactor rewrote these chunks and the collector deleted the old objects while
+            # we held refs to them: forget the tail's refs and ask the index.
+            if tail is not None:
+                tail.recent.clear()
+            return await self.read(head, offset, tail=tail, max_bytes=max_bytes, retried=True)
         records: list[memoryview] = []
         position = offset
         for (chunk, bound), data in zip(selected, blobs, strict=True):
@@ -129,4 +148,4 @@ class StreamReader:
             return await self._objects.get_range(key.object_key, key.byte_start, key.byte_length)
         except FileNotFoundError as exc:
             # The compactor replaced this object after we read the index; the caller retries.
-            raise ObjectStoreUnavailable(f"object {key.object_key} was replaced; retry") from exc
+            raise ObjectReplaced(f"object {key.object_key} was replaced; retry") from exc
