@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test lint typecheck check bench bench-quick clean
+.PHONY: install peer-install run test lint typecheck check bench bench-quick clean
 
 install: $(VENV)/.installed conformance/node_modules/.installed
 
@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 conformance/node_modules/.installed: conformance/package-lock.json
 	npm ci --prefix conformance --no-audit --no-fund --loglevel=error
 	touch $@
+
+## The Durable Streams reference server (Node) for comparison benchmarks: bench/peer/server.mjs
+peer-install:
+	npm ci --prefix bench/peer --no-audit --no-fund --loglevel=error
 
 ## Run the server on the embedded stack (Postgres + SeaweedFS + chDB) under ./.threadline
 run: install
