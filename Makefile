@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install peer-install run test lint typecheck check bench bench-quick clean
+.PHONY: install peer-install run test lint typecheck check bench bench-quick bench-sessions clean
 
 install: $(VENV)/.installed conformance/node_modules/.installed
 
@@ -21,8 +21,11 @@ conformance/node_modules/.installed: conformance/package-lock.json
 	touch $@
 
 ## The Durable Streams reference server (Node) for comparison benchmarks: bench/peer/server.mjs
-peer-install:
+peer-install: bench/peer/node_modules/.installed
+
+bench/peer/node_modules/.installed: bench/peer/package-lock.json
 	npm ci --prefix bench/peer --no-audit --no-fund --loglevel=error
+	touch $@
 
 ## Run the server on the embedded stack (Postgres + SeaweedFS + chDB) under ./.threadline
 run: install
@@ -32,17 +35,18 @@ run: install
 test: install
 	$(BIN)/pytest
 
-## Benchmarks (their own embedded stack; figures to stdout and bench/results/)
-bench: install
-	$(BIN)/python bench/sessions_api.py
-	$(BIN)/python bench/list_replication.py
-	$(BIN)/python bench/streams.py
+## Benchmarks: Threadline next to the Durable Streams reference server and the cost floor, plus
+## lists and replication lag; one table to stdout and bench/results/compare.{json,md} (< 10 min)
+bench: install peer-install
+	$(BIN)/python bench/compare.py
 
-## Benchmarks in quick mode (about a minute)
-bench-quick: install
-	$(BIN)/python bench/sessions_api.py --quick
-	$(BIN)/python bench/list_replication.py --quick
-	$(BIN)/python bench/streams.py --quick
+## The same at small sizes (about a minute; lists and replication lag only in the full run)
+bench-quick: install peer-install
+	$(BIN)/python bench/compare.py --quick
+
+## The sessions REST API next to its Postgres floor
+bench-sessions: install
+	$(BIN)/python bench/sessions_api.py
 
 lint: install
 	$(BIN)/ruff check src tests bench

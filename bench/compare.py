@@ -1,0 +1,470 @@
+"""Threadline next to the Durable Streams reference server and the cost floor, in one run.
+
+    .venv/bin/python bench/compare.py [--quick]        (or: make bench / make bench-quick)
+
+Starts everything itself: an embedded stack (Postgres, SeaweedFS, chDB) in a temporary directory,
+`threadline serve`, and the reference server (npm `@durable-streams/server`, installed into
+bench/peer by `npm ci` if missing) twice: in memory, and with its file store. Every workload runs
+in a separate load-generator process (bench/loadgen.py) against each server in turn, through the
+same protocol; the orchestrator samples the server's RSS and CPU while it runs. The floor (S3 PUT,
+Postgres commit, on the same stack) is measured in the same run. The full run adds the list and
+replication-lag benchmark (bench/list_replication.py, its own stack). Results: one table on stdout
+and bench/results/compare{,_quick}.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import obstore
+import psutil
+from obstore.store import S3Store
+
+from harness import REPO, pct, start_server, stop_server, tenant, write_results
+from threadline.embedded.stack import EmbeddedStack, StackEndpoints
+
+PEER_DIR = REPO / "bench" / "peer"
+LOADGEN = REPO / "bench" / "loadgen.py"
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    pid: int
+    token: str = ""
+    process: subprocess.Popen[str] | None = None
+    data_dir: Path | None = None  # a file-store peer: restarted empty before every workload
+
+    def restart(self) -> None:
+        """The reference file store keeps at most 100 open stream files (``maxFileHandles``,
+        not settable through DurableStreamTestServer); past that its appends answer 404. Each
+        workload therefore gets a fresh, empty peer, so none sees more streams than it creates."""
+        assert self.process is not None
+        assert self.data_dir is not None
+        self.process.terminate()
+        self.process.wait(15)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.process, self.url = start_peer(self.data_dir)
+        self.pid = self.process.pid
+
+
+@dataclass
+class Workload:
+    key: str
+    title: str
+    args: list[str]
+    target_note: str = ""
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def workloads(quick: bool) -> list[Workload]:
+    seconds = "2" if quick else "10"
+    return [
+        Workload(
+            "latency",
+            "append 1 KiB, 1 producer, sequential",
+            ["latency", "--requests", "200" if quick else "1000"],
+        ),
+        Workload(
+            "tp_1x100",
+            "200 B records, 1 per request, 100 streams, 64 in flight",
+            [
+                "throughput",
+                "--streams",
+                "100",
+                "--per-request",
+                "1",
+                "--in-flight",
+                "64",
+                "--seconds",
+                seconds,
+            ],
+        ),
+        Workload(
+            "tp_100x100",
+            "200 B records, 100 per request, 100 streams, 16 in flight",
+            [
+                "throughput",
+                "--streams",
+                "100",
+                "--per-request",
+                "100",
+                "--in-flight",
+                "16",
+                "--seconds",
+                seconds,
+            ],
+        ),
+        Workload(
+            "tp_100x1",
+            "200 B records, 100 per request, 1 stream, 16 in flight",
+            [
+                "throughput",
+                "--streams",
+                "1",
+                "--per-request",
+                "100",
+                "--in-flight",
+                "16",
+                "--seconds",
+                seconds,
+            ],
+        ),
+        Workload(
+            "live",
+            ("100" if quick else "1,000") + " SSE subscribers, 1 writer at 20 records/s",
+            [
+                "live",
+                "--subscribers",
+                "100" if quick else "1000",
+                "--rate",
+                "20",
+                "--seconds",
+                "3" if quick else "10",
+            ],
+        ),
+        Workload(
+            "replay",
+            ("10,000" if quick else "100,000") + " x 200 B catch-up from -1, 1 reader / 10 at once",
+            ["replay", "--records", "10000" if quick else "100000", "--readers", "10"],
+        ),
+    ]
+
+
+# --- the floor --------------------------------------------------------------------------------
+
+
+async def floor(
+    endpoints: StackEndpoints, samples: int, seconds: float, replay_records: int
+) -> dict[str, Any]:
+    """What a durable append cannot beat on this stack: one object PUT and one Postgres commit."""
+    env = endpoints.as_env()
+    store = S3Store(
+        env["THREADLINE_S3_BUCKET"],
+        endpoint=env["THREADLINE_S3_ENDPOINT"],
+        region="us-east-1",
+        access_key_id=env["THREADLINE_S3_ACCESS_KEY_ID"],
+        secret_access_key=env["THREADLINE_S3_SECRET_ACCESS_KEY"],
+        allow_http=True,
+    )
+    pool = await asyncpg.create_pool(endpoints.database_url, min_size=1, max_size=64)
+    await pool.execute("CREATE TABLE IF NOT EXISTS bench_floor (id bigserial PRIMARY KEY, key text)")
+    body = secrets.token_bytes(1024)
+    put_s, commit_s, both_s = [], [], []
+    async with pool.acquire() as conn:
+        for i in range(samples):
+            t0 = time.perf_counter()
+            await obstore.put_async(store, f"bench-floor/{i}-{secrets.token_hex(4)}", body)
+            t1 = time.perf_counter()
+            await conn.execute("INSERT INTO bench_floor (key) VALUES ('k')")
+            t2 = time.perf_counter()
+            put_s.append(t1 - t0)
+            commit_s.append(t2 - t1)
+            both_s.append(t2 - t0)
+    # One PUT + one commit per request, 64 at once: the naive durable append's ceiling.
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        async with pool.acquire() as conn:
+            while time.perf_counter() < deadline:
+                await obstore.put_async(store, f"bench-floor/{secrets.token_hex(8)}", body[:200])
+                await conn.execute("INSERT INTO bench_floor (key) VALUES ('k')")
+                done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(64)))
+    concurrent = done / (time.perf_counter() - started)
+    # Replay floor: the bytes of the replay workload in one object GET.
+    blob = secrets.token_bytes(200 * replay_records)
+    await obstore.put_async(store, "bench-floor/replay", blob)
+    t0 = time.perf_counter()
+    await (await obstore.get_async(store, "bench-floor/replay")).bytes_async()
+    get_seconds = time.perf_counter() - t0
+    await pool.close()
+    return {
+        "put_p50_ms": pct(put_s, 0.5),
+        "put_p99_ms": pct(put_s, 0.99),
+        "commit_p50_ms": pct(commit_s, 0.5),
+        "commit_p99_ms": pct(commit_s, 0.99),
+        "put_commit_p50_ms": pct(both_s, 0.5),
+        "put_commit_p99_ms": pct(both_s, 0.99),
+        "put_commit_64_in_flight_per_s": concurrent,
+        "get_replay_bytes_s": get_seconds,
+        "replay_bytes": len(blob),
+    }
+
+
+# --- servers ----------------------------------------------------------------------------------
+
+
+def ensure_peer_installed() -> None:
+    if (PEER_DIR / "node_modules" / "@durable-streams" / "server").exists():
+        return
+    if shutil.which("npm") is None:
+        raise SystemExit("the peer needs node and npm on PATH (see README)")
+    subprocess.run(
+        ["npm", "ci", "--prefix", str(PEER_DIR), "--no-audit", "--no-fund", "--loglevel=error"], check=True
+    )
+
+
+def start_peer(data_dir: Path | None) -> tuple[subprocess.Popen[str], str]:
+    command = ["node", str(PEER_DIR / "server.mjs"), "--port", "0", "--long-poll-timeout-ms", "30000"]
+    if data_dir is not None:
+        command += ["--data-dir", str(data_dir)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline().strip()
+    if not line.startswith("listening "):
+        process.kill()
+        raise RuntimeError(f"peer did not start: {line!r}")
+    return process, line.removeprefix("listening ").rstrip("/")
+
+
+# --- running one workload -------------------------------------------------------------------
+
+
+async def run_load(target: Target, workload: Workload) -> dict[str, Any]:
+    """One load-generator process; the server's peak RSS and CPU are sampled meanwhile."""
+    server = psutil.Process(target.pid)
+    cpu0 = server.cpu_times()
+    peak_rss = server.memory_info().rss
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(LOADGEN),
+        "--url",
+        target.url,
+        "--token",
+        target.token,
+        *workload.args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    started = time.perf_counter()
+    communicate = asyncio.ensure_future(process.communicate())
+    while not communicate.done():
+        peak_rss = max(peak_rss, server.memory_info().rss)
+        await asyncio.wait([communicate], timeout=0.2)
+    stdout, stderr = communicate.result()
+    wall = time.perf_counter() - started
+    cpu1 = server.cpu_times()
+    if process.returncode != 0:
+        return {"error": stderr.decode()[-500:]}
+    result: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
+    result["server_rss_mib"] = peak_rss / 2**20
+    result["server_cpu_s"] = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    result["wall_s"] = wall
+    return result
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{digits}f}" if value < 1000 else f"{value:,.0f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return "—"
+    return f"{a / b:.2f}×"
+
+
+def _headline(key: str, result: dict[str, Any]) -> tuple[float | None, str]:
+    """The row's main figure and how it reads."""
+    if "error" in result:
+        return None, "failed"
+    if key == "latency":
+        return result["p50_ms"], f"p50 {_fmt(result['p50_ms'], 2)} / p99 {_fmt(result['p99_ms'], 2)} ms"
+    if key.startswith("tp_"):
+        return result["records_per_s"], f"{_fmt(result['records_per_s'], 0)} rec/s"
+    if key == "live":
+        return result["delivery_p99_ms"], (
+            f"delivery p50 {_fmt(result['delivery_p50_ms'])} / p99 {_fmt(result['delivery_p99_ms'])} ms; "
+            f"writer {_fmt(result['achieved_rate'])}/s, ack p99 {_fmt(result['ack_p99_ms'])} ms; "
+            f"missing {result['missing']}"
+        )
+    return result["one_reader_s"], f"{result['one_reader_s']:.2f} s / {result['many_readers_s']:.2f} s"
+
+
+TARGETS_TEXT = {
+    "latency": "p50 ≤ 1.5× floor (≈5 ms), p99 ≤ 20 ms",
+    "tp_1x100": "≥ 5,000 rec/s",
+    "tp_100x100": "≥ 120,000 rec/s",
+    "tp_100x1": "≥ 20,000 rec/s",
+    "live": "p99 ≤ 100 ms, writer never slowed (1,000 subs)",
+    "replay": "≤ 0.4 s / ≤ 3 s",
+}
+
+
+def _floor_for(key: str, fl: dict[str, Any]) -> tuple[float | None, str]:
+    if key == "latency":
+        return fl["put_commit_p50_ms"], f"PUT+commit p50 {fl['put_commit_p50_ms']:.2f} ms"
+    if key.startswith("tp_"):
+        # A naive durable append: one PUT + one commit per request, 64 requests at once.
+        per_request = 1 if key == "tp_1x100" else 100
+        records = fl["put_commit_64_in_flight_per_s"] * per_request
+        return records, f"{records:,.0f} rec/s (1 PUT+commit per request, 64 in flight)"
+    if key == "replay":
+        return fl[
+            "get_replay_bytes_s"
+        ], f"one {fl['replay_bytes'] / 1e6:.0f} MB GET {fl['get_replay_bytes_s']:.2f} s"
+    return None, "—"
+
+
+def render(result: dict[str, Any]) -> str:
+    fl = result["floor"]
+    lines = [
+        f"Threadline vs Durable Streams reference server {result['peer_version']} "
+        f"({'quick' if result['quick'] else 'full'} run, {result['cpus']} CPUs, {result['started']})",
+        "",
+        f"Floor on this stack: 1 KiB S3 PUT p50 {fl['put_p50_ms']:.2f} / p99 {fl['put_p99_ms']:.2f} ms; "
+        f"Postgres INSERT+commit p50 {fl['commit_p50_ms']:.2f} / p99 {fl['commit_p99_ms']:.2f} ms; "
+        f"both p50 {fl['put_commit_p50_ms']:.2f} / p99 {fl['put_commit_p99_ms']:.2f} ms.",
+        "",
+        "| workload | Threadline | peer, file store (durable) | peer, in memory (not durable) "
+        "| TL / peer file | TL / floor | floor | SPEC target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["workloads"]:
+        key = row["key"]
+        figures = {name: _headline(key, res) for name, res in row["results"].items()}
+        tl, peer_file = figures.get("threadline", (None, "—")), figures.get("peer-file", (None, "—"))
+        peer_mem = figures.get("peer-memory", (None, "—"))
+        floor_value, floor_text = _floor_for(key, fl)
+        lines.append(
+            f"| {row['title']} | {tl[1]} | {peer_file[1]} | {peer_mem[1]} | {_ratio(tl[0], peer_file[0])} "
+            f"| {_ratio(tl[0], floor_value)} | {floor_text} | {TARGETS_TEXT[key]} |"
+        )
+    lines += [
+        "",
+        "Resources while each workload ran (server peak RSS MiB / server CPU s / load generator CPU s over wall s):",
+        "",
+    ]
+    lines += ["| workload | Threadline | peer, file store | peer, in memory |", "|---|---|---|---|"]
+    for row in result["workloads"]:
+        cells = []
+        for name in ("threadline", "peer-file", "peer-memory"):
+            res = row["results"].get(name, {})
+            if "server_rss_mib" not in res:
+                cells.append("—")
+                continue
+            cells.append(
+                f"{res['server_rss_mib']:.0f} MiB / {res['server_cpu_s']:.1f} s / "
+                f"{res['loadgen_cpu_s']:.1f} of {res['loadgen_wall_s']:.1f} s"
+            )
+        lines.append(f"| {row['title']} | " + " | ".join(cells) + " |")
+    lists = result.get("lists")
+    if lists:
+        lines += ["", "Lists and replication (bench/list_replication.py, same command):", ""]
+        lines += [
+            "| query on "
+            + f"{lists['lists']['sessions']:,} sessions | ClickHouse p50 / p99 ms | Postgres p50 / p99 ms | SPEC target |",
+            "|---|---|---|---|",
+        ]
+        by_query: dict[str, dict[str, Any]] = {}
+        for item in lists["lists"]["rows"]:
+            by_query.setdefault(item["query"], {})[item["source"]] = item
+        for query, sources in by_query.items():
+            ch, pg = sources.get("clickhouse", {}), sources.get("postgres", {})
+            lines.append(
+                f"| {query} | {_fmt(ch.get('p50_ms'))} / {_fmt(ch.get('p99_ms'))} "
+                f"| {_fmt(pg.get('p50_ms'))} / {_fmt(pg.get('p99_ms'))} | p50 ≤ 50, p99 ≤ 200 |"
+            )
+        lag = lists["lag"]
+        lines.append(
+            f"| replication lag at {lag['offered_writes_per_s']} writes/s | p50 {lag['lag_p50_ms']:.0f} / "
+            f"p99 {lag['lag_p99_ms']:.0f} ms (max {lag['lag_max_ms']:.0f}, missing {lag['missing']}) | — | p99 ≤ 1,000 ms |"
+        )
+    elif result["quick"]:
+        lines += [
+            "",
+            "Lists and replication lag: full run only (`make bench`); they load 1,000,000 sessions.",
+        ]
+    return "\n".join(lines)
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+async def compare(quick: bool) -> dict[str, Any]:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000 SSE sockets on each side
+    ensure_peer_installed()
+    peer_version = json.loads((PEER_DIR / "node_modules/@durable-streams/server/package.json").read_text())[
+        "version"
+    ]
+    plan = workloads(quick)
+    result: dict[str, Any] = {
+        "quick": quick,
+        "cpus": os.cpu_count(),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "peer_version": peer_version,
+    }
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedStack(Path(tmp) / "stack") as stack:
+        endpoints = stack.endpoints
+        _, key = await tenant(endpoints, "bench-compare")
+        result["floor"] = await floor(
+            endpoints, 100 if quick else 1000, 1 if quick else 5, 10_000 if quick else 100_000
+        )
+        process, url = await start_server(endpoints)
+        peer_dir = Path(tmp) / "peer-data"
+        file_peer, file_url = start_peer(peer_dir)
+        memory_peer, memory_url = start_peer(None)
+        targets = [
+            Target("threadline", url, process.pid, key),
+            Target("peer-file", file_url, file_peer.pid, process=file_peer, data_dir=peer_dir),
+            Target("peer-memory", memory_url, memory_peer.pid, process=memory_peer),
+        ]
+        try:
+            for index, workload in enumerate(plan):
+                for target in targets:
+                    if target.data_dir is not None and index > 0:
+                        target.restart()
+                    workload.results[target.name] = await run_load(target, workload)
+                    print(
+                        f"{workload.key:>11} {target.name:>12}: {json.dumps(workload.results[target.name])}",
+                        file=sys.stderr,
+                    )
+        finally:
+            await stop_server(process)
+            for target in targets:
+                if target.process is not None:
+                    target.process.terminate()
+                    target.process.wait(15)
+    result["workloads"] = [{"key": w.key, "title": w.title, "results": w.results} for w in plan]
+    return result
+
+
+def main(quick: bool) -> None:
+    result = asyncio.run(compare(quick))
+    if not quick:
+        subprocess.run([sys.executable, str(REPO / "bench" / "list_replication.py")], check=True)
+        result["lists"] = json.loads((REPO / "bench" / "results" / "list_replication.json").read_text())
+    write_results("compare" + ("_quick" if quick else ""), result, render(result))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes; about a minute")
+    main(parser.parse_args().quick)
