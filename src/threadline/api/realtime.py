@@ -23,17 +23,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from threadline.api.bodies import read_body
-from threadline.api.sessions import authorized_session
 from threadline.api.sse import event_stream, sse_event, watching
 from threadline.api.state import AppState, app_state
-from threadline.api.streams import STREAM_PREFIX, append_records
+from threadline.api.streams import STREAM_PREFIX, append_records, channel_session, query_offset
 from threadline.auth.principal import Action
-from threadline.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from threadline.errors import Conflict, NotFound, ValidationFailed
 from threadline.sessions.models import SessionView
-from threadline.streams.errors import StreamGone
 from threadline.streams.heads import StreamHead, load_head
 from threadline.streams.names import SESSION_CHANNEL_CONTENT_TYPE, session_channel_name
-from threadline.streams.offsets import Position, format_offset, parse_offset, read_start
+from threadline.streams.offsets import Position, format_offset, parse_offset
 from threadline.streams.records import MAX_BATCH_BYTES
 
 __all__ = ["REALTIME_PREFIX", "routes"]
@@ -64,10 +62,7 @@ async def _channel(request: Request, action: Action) -> _Channel:
     io = request.path_params["io"]
     if io not in ("out", "in"):
         raise NotFound(f"a session has channels out and in, not {io!r}", code="channel_not_found")
-    if not principal.may_on_any_session(action):
-        raise Forbidden(f"this credential lacks the {action.value}:sessions scope")
-    async with state.pool.acquire() as conn:
-        session = await authorized_session(conn, principal, action, request.path_params["session"])
+    session = await channel_session(state, principal, action, request.path_params["session"])
     return _Channel(session, io)
 
 
@@ -158,10 +153,8 @@ def _start(request: Request) -> Position:
     last_event_id = request.headers.get("last-event-id")
     if last_event_id:
         return parse_offset(last_event_id, name="Last-Event-ID")
-    offsets = request.query_params.getlist("offset")
-    if len(offsets) > 1:
-        raise ValidationFailed("send one offset")
-    return parse_offset(offsets[0]) if offsets else "start"
+    position = query_offset(request)
+    return "start" if position is None else position
 
 
 async def subscribe(request: Request) -> Response:
@@ -173,9 +166,7 @@ async def subscribe(request: Request) -> Response:
     channel = await _channel(request, Action.READ)
     state = app_state(request)
     head = await _head(state, channel)
-    start = read_start(position, trim_offset=head.trim_offset, next_offset=head.next_offset)
-    if start < head.trim_offset:
-        raise StreamGone(f"records before offset {head.trim_offset} were trimmed", code="offset_trimmed")
+    start = head.read_start(position)
     if head.closed and start >= head.next_offset:
         return Response(status_code=204, headers={"Stream-Next-Offset": format_offset(head.next_offset)})
     deadline = time.monotonic() + timeout_seconds

@@ -35,8 +35,8 @@ from threadline.api.sse import event_stream, sse_event, watching
 from threadline.api.state import AppState, app_state
 from threadline.auth.principal import Action, Principal
 from threadline.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from threadline.sessions.models import SessionView
 from threadline.streams.committer import AppendOutcome, AppendRequest
-from threadline.streams.errors import StreamGone
 from threadline.streams.heads import (
     StreamHead,
     StreamSettings,
@@ -54,7 +54,7 @@ from threadline.streams.names import (
     session_channel_name,
     validate_name,
 )
-from threadline.streams.offsets import format_offset, parse_offset, read_start
+from threadline.streams.offsets import Position, format_offset, parse_offset, read_start
 from threadline.streams.producers import Producer
 from threadline.streams.reader import ReadResult
 from threadline.streams.records import MAX_BATCH_BYTES, check_batch, json_array, split_json
@@ -95,11 +95,16 @@ async def _target(request: Request, action: Action, name: str | None = None) -> 
             raise Forbidden(f"stand-alone streams need the environment-wide {action.value}:sessions scope")
         return _Target(principal, name, None)
     ref, io = channel
+    session = await channel_session(state, principal, action, ref)
+    return _Target(principal, session_channel_name(session.id, io), session.id)
+
+
+async def channel_session(state: AppState, principal: Principal, action: Action, ref: str) -> SessionView:
+    """The session owning a channel, if the caller may ``action`` its channels (403 / 404)."""
     if not principal.may_on_any_session(action):
         raise Forbidden(f"this credential lacks the {action.value}:sessions scope")
     async with state.pool.acquire() as conn:
-        session = await authorized_session(conn, principal, action, ref)
-    return _Target(principal, session_channel_name(session.id, io), session.id)
+        return await authorized_session(conn, principal, action, ref)
 
 
 def _integer_header(request: Request, name: str) -> int | None:
@@ -309,6 +314,14 @@ async def post_stream(request: Request) -> Response:
 # --- GET / HEAD ------------------------------------------------------------------------------
 
 
+def query_offset(request: Request) -> Position | None:
+    """The request's ``?offset=``, parsed (None when absent; more than one is a 400)."""
+    offsets = request.query_params.getlist("offset")
+    if len(offsets) > 1:
+        raise ValidationFailed("send one offset")
+    return parse_offset(offsets[0]) if offsets else None
+
+
 def _cursor(request: Request) -> str:
     """Increasing cursors: the current 20 s interval, or past the client's echoed cursor."""
     current = int(time.time() * 1000) // _CURSOR_INTERVAL_MS
@@ -329,23 +342,20 @@ def _etag(head: StreamHead, start: int, result: ReadResult, closed: bool) -> str
 
 
 async def get_stream(request: Request) -> Response:
-    offsets = request.query_params.getlist("offset")
-    if len(offsets) > 1:
-        raise ValidationFailed("send one offset")
+    position = query_offset(request)
     live = request.query_params.get("live")
     if live not in (None, "long-poll", "sse"):
         raise ValidationFailed("live must be long-poll or sse")
-    if live is not None and not offsets:
+    if live is not None and position is None:
         raise ValidationFailed(f"live={live} needs an offset")
-    position = parse_offset(offsets[0]) if offsets else "start"
+    if position is None:
+        position = "start"
     target = await _target(request, Action.READ)
     state = app_state(request)
     async with state.pool.acquire() as conn:
         head = await load_head(conn, target.principal.environment.id, target.name)
         await extend_ttl(conn, head)
-    start = read_start(position, trim_offset=head.trim_offset, next_offset=head.next_offset)
-    if start < head.trim_offset:
-        raise StreamGone(f"records before offset {head.trim_offset} were trimmed", code="offset_trimmed")
+    start = head.read_start(position)
     if live == "sse":
         return _sse(request, state, head, start)
     if live == "long-poll":

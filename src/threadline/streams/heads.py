@@ -16,6 +16,7 @@ from threadline.db import Conn
 from threadline.errors import Conflict, NotFound, ValidationFailed
 from threadline.streams.errors import StreamGone
 from threadline.streams.names import DEFAULT_CONTENT_TYPE, media_type
+from threadline.streams.offsets import Position, read_start
 
 __all__ = [
     "Created",
@@ -90,6 +91,17 @@ class StreamHead:
 
     def expired(self, now: datetime | None = None) -> bool:
         return self.expires_at is not None and self.expires_at <= (now or datetime.now(UTC))
+
+    def check_readable(self, offset: int) -> None:
+        """Reads below the trim point are the protocol's "gone" (410)."""
+        if offset < self.trim_offset:
+            raise StreamGone(f"records before offset {self.trim_offset} were trimmed", code="offset_trimmed")
+
+    def read_start(self, position: Position) -> int:
+        """Where a read from ``position`` starts: 400 past the tail, 410 below the trim point."""
+        start = read_start(position, trim_offset=self.trim_offset, next_offset=self.next_offset)
+        self.check_readable(start)
+        return start
 
 
 def _head(rows: list[asyncpg.Record]) -> StreamHead:

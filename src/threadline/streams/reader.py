@@ -15,7 +15,6 @@ import asyncpg
 
 from threadline.storage.objects import ObjectStore, ObjectStoreUnavailable
 from threadline.streams.cache import ChunkCache, ChunkKey
-from threadline.streams.errors import StreamGone
 from threadline.streams.heads import StreamHead
 from threadline.streams.live import ChunkRef, StreamTail
 from threadline.streams.records import blob_at, iter_records
@@ -65,8 +64,7 @@ class StreamReader:
         closed = head.closed
         if tail is not None and tail.next_offset >= tail_offset:
             tail_offset, closed = tail.next_offset, tail.closed or closed
-        if offset < head.trim_offset:
-            raise StreamGone(f"records before offset {head.trim_offset} were trimmed", code="offset_trimmed")
+        head.check_readable(offset)
         if offset >= tail_offset:
             return ReadResult([], offset, tail_offset, closed)
         chunks: list[tuple[ChunkRef, int]] = []  # (chunk, upper bound for this stream's part)
