@@ -68,8 +68,22 @@ class Workload:
     key: str
     title: str
     args: list[str]
-    target_note: str = ""
+    per_request: int = 0  # throughput rows: records per request (the floor is per request)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _throughput(key: str, streams: int, per_request: int, in_flight: int, seconds: str) -> Workload:
+    unit = "1 per request" if per_request == 1 else f"{per_request} per request"
+    where = "1 stream" if streams == 1 else f"{streams} streams"
+    return Workload(
+        key,
+        f"200 B records, {unit}, {where}, {in_flight} in flight",
+        [
+            *("throughput", "--streams", str(streams), "--per-request", str(per_request)),
+            *("--in-flight", str(in_flight), "--seconds", seconds),
+        ],
+        per_request=per_request,
+    )
 
 
 def workloads(quick: bool) -> list[Workload]:
@@ -80,51 +94,9 @@ def workloads(quick: bool) -> list[Workload]:
             "append 1 KiB, 1 producer, sequential",
             ["latency", "--requests", "200" if quick else "1000"],
         ),
-        Workload(
-            "tp_1x100",
-            "200 B records, 1 per request, 100 streams, 64 in flight",
-            [
-                "throughput",
-                "--streams",
-                "100",
-                "--per-request",
-                "1",
-                "--in-flight",
-                "64",
-                "--seconds",
-                seconds,
-            ],
-        ),
-        Workload(
-            "tp_100x100",
-            "200 B records, 100 per request, 100 streams, 16 in flight",
-            [
-                "throughput",
-                "--streams",
-                "100",
-                "--per-request",
-                "100",
-                "--in-flight",
-                "16",
-                "--seconds",
-                seconds,
-            ],
-        ),
-        Workload(
-            "tp_100x1",
-            "200 B records, 100 per request, 1 stream, 16 in flight",
-            [
-                "throughput",
-                "--streams",
-                "1",
-                "--per-request",
-                "100",
-                "--in-flight",
-                "16",
-                "--seconds",
-                seconds,
-            ],
-        ),
+        _throughput("tp_1x100", streams=100, per_request=1, in_flight=64, seconds=seconds),
+        _throughput("tp_100x100", streams=100, per_request=100, in_flight=16, seconds=seconds),
+        _throughput("tp_100x1", streams=1, per_request=100, in_flight=16, seconds=seconds),
         Workload(
             "live",
             ("100" if quick else "1,000") + " SSE subscribers, 1 writer at 20 records/s",
@@ -315,12 +287,11 @@ TARGETS_TEXT = {
 }
 
 
-def _floor_for(key: str, fl: dict[str, Any]) -> tuple[float | None, str]:
+def _floor_for(key: str, per_request: int, fl: dict[str, Any]) -> tuple[float | None, str]:
     if key == "latency":
         return fl["put_commit_p50_ms"], f"PUT+commit p50 {fl['put_commit_p50_ms']:.2f} ms"
     if key.startswith("tp_"):
         # A naive durable append: one PUT + one commit per request, 64 requests at once.
-        per_request = 1 if key == "tp_1x100" else 100
         records = fl["put_commit_64_in_flight_per_s"] * per_request
         return records, f"{records:,.0f} rec/s (1 PUT+commit per request, 64 in flight)"
     if key == "replay":
@@ -349,7 +320,7 @@ def render(result: dict[str, Any]) -> str:
         figures = {name: _headline(key, res) for name, res in row["results"].items()}
         tl, peer_file = figures.get("threadline", (None, "—")), figures.get("peer-file", (None, "—"))
         peer_mem = figures.get("peer-memory", (None, "—"))
-        floor_value, floor_text = _floor_for(key, fl)
+        floor_value, floor_text = _floor_for(key, row.get("per_request", 0), fl)
         lines.append(
             f"| {row['title']} | {tl[1]} | {peer_file[1]} | {peer_mem[1]} | {_ratio(tl[0], peer_file[0])} "
             f"| {_ratio(tl[0], floor_value)} | {floor_text} | {TARGETS_TEXT[key]} |"
@@ -450,7 +421,9 @@ async def compare(quick: bool) -> dict[str, Any]:
                 if target.process is not None:
                     target.process.terminate()
                     target.process.wait(15)
-    result["workloads"] = [{"key": w.key, "title": w.title, "results": w.results} for w in plan]
+    result["workloads"] = [
+        {"key": w.key, "title": w.title, "per_request": w.per_request, "results": w.results} for w in plan
+    ]
     return result
 
 
