@@ -23,7 +23,7 @@ from prometheus_client import Counter
 
 from threadline.db import Conn
 from threadline.storage.objects import ObjectStore
-from threadline.streams.heads import load_head_by_id, retire
+from threadline.streams.heads import load_head_by_id, lock_name, retire
 
 __all__ = ["RECORD_PREFIXES", "Collector"]
 
@@ -57,11 +57,7 @@ class Collector:
         for row in rows:
             async with conn.transaction():
                 # The same lock a PUT of this name takes, so a re-create never races the janitor.
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 7))",
-                    row["environment_id"],
-                    row["name"],
-                )
+                await lock_name(conn, row["environment_id"], row["name"])
                 head = await load_head_by_id(conn, row["id"])
                 if head.expired() and not head.deleted:
                     await retire(conn, head)

@@ -27,6 +27,7 @@ __all__ = [
     "extend_ttl",
     "load_head",
     "load_head_by_id",
+    "lock_name",
     "retire",
     "trim_stream",
 ]
@@ -199,6 +200,13 @@ class Created:
     prefix: bytes | None = None
 
 
+async def lock_name(conn: Conn, environment_id: str, name: str) -> None:
+    """Hold the name's advisory lock until the transaction ends: creators and the janitor take it."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 7))", environment_id, name
+    )
+
+
 async def create_stream(
     conn: Conn,
     environment_id: str,
@@ -214,9 +222,7 @@ async def create_stream(
     """
     async with conn.transaction():
         # Serialise creators of one name (the partial unique index alone would fail the loser).
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 7))", environment_id, name
-        )
+        await lock_name(conn, environment_id, name)
         existing = await find_head(conn, environment_id, name)
         source: StreamHead | None = None
         if settings.fork_source is not None:

@@ -69,14 +69,7 @@ class Maintenance:
                 continue
             if report is not None and sweep:
                 next_sweep = time.monotonic() + self._settings.orphan_sweep_interval_seconds
-            if report is not None and any(
-                (
-                    report.retired_streams,
-                    report.segments_written,
-                    report.objects_deleted,
-                    report.orphans_deleted,
-                )
-            ):
+            if report is not None and any(dataclasses.astuple(report)):
                 logger.info("maintenance pass", extra=dataclasses.asdict(report))
 
     async def run_pass(self, *, sweep: bool = False) -> PassReport | None:
