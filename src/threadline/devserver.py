@@ -100,10 +100,10 @@ Ctrl-C stops the server and the stack.
 """
 
 
-async def _serve(settings: Settings, endpoints: StackEndpoints, key: str, started: float) -> None:
-    from threadline.api.app import uvicorn_config
-
-    server = uvicorn.Server(uvicorn_config(settings))
+async def _serve(
+    config: uvicorn.Config, settings: Settings, endpoints: StackEndpoints, key: str, started: float
+) -> None:
+    server = uvicorn.Server(config)
 
     async def announce() -> None:
         while not server.started:
@@ -138,7 +138,12 @@ def run_dev(settings: Settings, *, fresh: bool) -> int:
         env = endpoints.as_env()
         _write_private(settings.data_dir / DEV_ENDPOINTS_FILE, "".join(f"{k}={v}\n" for k, v in env.items()))
         key = asyncio.run(_dev_key(settings))
-        asyncio.run(_serve(settings, endpoints, key, started))
+        from threadline.api.app import uvicorn_config
+
+        config = uvicorn_config(settings)
+        # The loop `threadline serve` runs on (uvloop when installed), so dev measures the same.
+        with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+            runner.run(_serve(config, settings, endpoints, key, started))
         return 0
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
