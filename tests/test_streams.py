@@ -204,6 +204,34 @@ def test_subscriber_on_another_instance_receives_appends(
             assert received == [{"n": 0}, {"n": 1}, {"n": 2}]
 
 
+def test_appends_follow_a_name_deleted_and_recreated_on_another_instance(
+    settings: Settings, base_url: str, tenant: Tenant
+) -> None:
+    """Instance A remembers where a name's appends go; B deletes the stream and creates a new
+    one of another content type under the same name. A must append to the new stream, refuse
+    the old content type, and answer 404 once the name is gone, as if it had never cached it."""
+    path = f"/v1/stream/{_name('renamed')}"
+    text = {"Content-Type": "text/plain"}
+    with httpx.Client(base_url=base_url, headers=bearer(tenant.key), timeout=30) as a:
+        assert a.put(path, headers=JSON).status_code == 201
+        for n in range(2):
+            assert a.post(path, headers=JSON, content=json.dumps({"n": n})).status_code == 204
+        with (
+            ServerThread(settings) as other_url,
+            httpx.Client(base_url=other_url, headers=bearer(tenant.key), timeout=30) as b,
+        ):
+            assert b.delete(path).status_code == 204
+            assert b.put(path, headers=text).status_code == 201
+            assert a.post(path, headers=text, content=b"hello").status_code == 204
+            assert_error(a.post(path, headers=JSON, content=b"{}"), 409, "content_type_mismatch")
+            read = a.get(path, params={"offset": "-1"})
+            assert read.status_code == 200
+            assert read.headers["Content-Type"].startswith("text/plain")
+            assert read.content == b"hello"
+            assert b.delete(path).status_code == 204
+            assert_error(a.post(path, headers=text, content=b"late"), 404, "stream_not_found")
+
+
 def test_a_reader_that_never_reads_does_not_slow_the_writer(base_url: str, tenant: Tenant) -> None:
     import socket
 

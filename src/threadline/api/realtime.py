@@ -23,15 +23,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from threadline.api.bodies import read_body
-from threadline.api.sse import event_stream, sse_event, watching
+from threadline.api.sse import event_stream, shared, sse_event, watching
 from threadline.api.state import AppState, app_state
-from threadline.api.streams import STREAM_PREFIX, append_records, channel_session, query_offset
+from threadline.api.streams import STREAM_PREFIX, append_to, channel_session, query_offset
 from threadline.auth.principal import Action
 from threadline.errors import Conflict, NotFound, ValidationFailed
 from threadline.sessions.models import SessionView
 from threadline.streams.heads import StreamHead, load_head
 from threadline.streams.names import SESSION_CHANNEL_CONTENT_TYPE, session_channel_name
 from threadline.streams.offsets import Position, format_offset, parse_offset
+from threadline.streams.reader import ReadResult
 from threadline.streams.records import MAX_BATCH_BYTES
 
 __all__ = ["REALTIME_PREFIX", "routes"]
@@ -117,9 +118,14 @@ async def append(request: Request) -> Response:
     _refuse_writes_to(channel.session)
     state = app_state(request)
     body = await read_body(request, MAX_BATCH_BYTES)
-    head = await _head(state, channel)
-    outcome, producer = await append_records(
-        state, head, request, body, close=False, default_content_type=SESSION_CHANNEL_CONTENT_TYPE
+    outcome, producer = await append_to(
+        state,
+        channel.session.environment_id,
+        channel.stream_name,
+        request,
+        body,
+        close=False,
+        default_content_type=SESSION_CHANNEL_CONTENT_TYPE,
     )
     payload: dict[str, object] = {
         "offset": format_offset(outcome.start_offset),
@@ -176,13 +182,19 @@ async def subscribe(request: Request) -> Response:
         yield f"retry: {_RETRY_MS}\n\n".encode()
         async with watching(state, head) as (fresh, tail):
             while True:
-                result = await state.streams.reader.read(fresh, offset, tail=tail)
-                if result.records:
+                fresh.check_readable(offset)
+
+                async def build(at: int = offset) -> tuple[ReadResult, bytes]:
+                    result = await state.streams.reader.read(fresh, at, tail=tail)
                     frame = bytearray()
-                    for record in result.records:
-                        offset += 1
-                        frame += sse_event(bytes(record).decode(), event_id=format_offset(offset))
-                    yield bytes(frame)
+                    for index, record in enumerate(result.records, start=at + 1):
+                        frame += sse_event(bytes(record).decode(), event_id=format_offset(index))
+                    return result, bytes(frame)
+
+                result, frame = await shared(tail, ("realtime", offset), build)
+                if result.records:
+                    offset = result.next_offset
+                    yield frame
                 if result.closed and offset >= result.tail_offset:
                     yield sse_event(
                         orjson.dumps({"nextOffset": format_offset(offset)}).decode(), event="closed"

@@ -4,8 +4,9 @@ live reader without missing a commit."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
 from contextlib import asynccontextmanager
+from typing import TypeVar, cast
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.responses import Response
@@ -14,9 +15,14 @@ from threadline.api.state import AppState
 from threadline.streams.heads import StreamHead, load_head_by_id
 from threadline.streams.live import StreamTail, TailChange
 
-__all__ = ["event_stream", "sse_event", "watching"]
+__all__ = ["event_stream", "shared", "sse_event", "watching"]
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# Distinct places a tail's readers can be at that get a shared frame; laggards past that build
+# their own (they are reading history, which is rarer and not the fan-out case).
+_MAX_SHARED = 32
+
+T = TypeVar("T")
 
 
 def sse_event(data: str, *, event: str | None = None, event_id: str | None = None) -> bytes:
@@ -53,3 +59,18 @@ async def watching(state: AppState, head: StreamHead) -> AsyncIterator[tuple[Str
             fresh = await load_head_by_id(conn, head.id)
         tail.apply(TailChange(fresh.id, fresh.next_offset, fresh.closed, None))
         yield fresh, tail
+
+
+async def shared(tail: StreamTail, key: Hashable, build: Callable[[], Awaitable[T]]) -> T:
+    """What ``build`` makes for ``key``, built once per tail version however many live readers
+    ask: a thousand subscribers woken by one commit read and encode its records once, and each
+    only writes the bytes. ``key`` must hold everything the result depends on besides the tail
+    (the offset, the encoding, the cursor)."""
+    version = tail.version
+    found = tail.shared.get(key)
+    if found is not None:
+        return cast(T, found)
+    value = await build()
+    if tail.version == version and len(tail.shared) < _MAX_SHARED:
+        tail.shared[key] = value
+    return value

@@ -31,10 +31,10 @@ from starlette.routing import Route
 
 from threadline.api.bodies import read_body, read_model
 from threadline.api.sessions import authorized_session
-from threadline.api.sse import event_stream, sse_event, watching
+from threadline.api.sse import event_stream, shared, sse_event, watching
 from threadline.api.state import AppState, app_state
 from threadline.auth.principal import Action, Principal
-from threadline.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from threadline.errors import ApiError, Conflict, Forbidden, NotFound, ValidationFailed
 from threadline.sessions.models import SessionView
 from threadline.streams.committer import AppendOutcome, AppendRequest
 from threadline.streams.heads import (
@@ -58,6 +58,7 @@ from threadline.streams.offsets import Position, format_offset, parse_offset, re
 from threadline.streams.producers import Producer
 from threadline.streams.reader import ReadResult
 from threadline.streams.records import MAX_BATCH_BYTES, check_batch, json_array, split_json
+from threadline.streams.targets import AppendTarget
 
 __all__ = ["STREAM_PREFIX", "routes"]
 
@@ -250,56 +251,89 @@ def _producer(request: Request) -> Producer | None:
     return Producer(producer_id, parsed_epoch, parsed_seq)
 
 
-async def append_records(
+# A cached append target that yields one of these from the commit may be stale (the row is gone
+# or a new stream took the name): resolve the name again and retry once. The append was refused,
+# so nothing was written.
+_STALE_TARGET_CODES = frozenset({"stream_not_found", "stream_gone", "content_type_mismatch"})
+
+
+async def append_to(
     state: AppState,
-    head: StreamHead,
+    environment_id: str,
+    name: str,
     request: Request,
     body: bytes,
     *,
     close: bool,
     default_content_type: str | None = None,
 ) -> tuple[AppendOutcome, Producer | None]:
-    """Validate one append request's headers and body against ``head`` and commit it.
+    """Append the request's records to the stream ``name`` and wait for the commit.
 
-    ``default_content_type`` stands in for a missing Content-Type (the protocol demands one;
-    the session routes assume JSON)."""
+    The name resolves through :class:`~threadline.streams.targets.AppendTargets`, so a steady
+    appender costs no Postgres lookup of its own; the committer is the authority on everything
+    else. ``default_content_type`` stands in for a missing Content-Type (the protocol demands
+    one; the session routes assume JSON)."""
     producer = _producer(request)
-    stream_seq = request.headers.get("Stream-Seq")
+    targets = state.streams.targets
+    cached = targets.get(environment_id, name)
+    if cached is not None:
+        try:
+            return await _append(
+                state, cached, request, body, producer, close, default_content_type
+            ), producer
+        except ApiError as exc:
+            if exc.code not in _STALE_TARGET_CODES:
+                raise
+            targets.forget(environment_id, name)
+    async with state.pool.acquire() as conn:
+        head = await load_head(conn, environment_id, name)
+    target = targets.remember(environment_id, name, head.id, head.content_type)
+    return await _append(state, target, request, body, producer, close, default_content_type), producer
+
+
+async def _append(
+    state: AppState,
+    target: AppendTarget,
+    request: Request,
+    body: bytes,
+    producer: Producer | None,
+    close: bool,
+    default_content_type: str | None,
+) -> AppendOutcome:
     content_type = request.headers.get("content-type") or default_content_type
     records: list[bytes] = []
     if body:
         if not content_type:
             raise ValidationFailed("an append needs a Content-Type")
-        if media_type(content_type) != media_type(head.content_type):
+        if media_type(content_type) != media_type(target.content_type):
             raise Conflict(
                 f"content type {media_type(content_type)!r} does not match the stream's "
-                f"{media_type(head.content_type)!r}",
+                f"{media_type(target.content_type)!r}",
                 code="content_type_mismatch",
             )
-        records = split_json(body, allow_empty_array=False) if is_json(head.content_type) else [body]
+        records = split_json(body, allow_empty_array=False) if is_json(target.content_type) else [body]
         check_batch(records)
     elif not close:
         raise ValidationFailed("an append needs a body (or Stream-Closed: true)", code="empty_append")
-    outcome = await state.streams.committer.append(
+    return await state.streams.committer.append(
         AppendRequest(
-            head.id,
+            target.id,
             records,
             content_type=content_type if records else None,
             close=close,
             producer=producer,
-            stream_seq=stream_seq,
+            stream_seq=request.headers.get("Stream-Seq"),
         )
     )
-    return outcome, producer
 
 
 async def post_stream(request: Request) -> Response:
     target = await _target(request, Action.WRITE)
     state = app_state(request)
     body = await read_body(request, MAX_BATCH_BYTES)
-    async with state.pool.acquire() as conn:
-        head = await load_head(conn, target.principal.environment.id, target.name)
-    outcome, producer = await append_records(state, head, request, body, close=_flag(request, CLOSED))
+    outcome, producer = await append_to(
+        state, target.principal.environment.id, target.name, request, body, close=_flag(request, CLOSED)
+    )
     headers = {NEXT_OFFSET: format_offset(outcome.next_offset)}
     if outcome.closed:
         headers[CLOSED] = "true"
@@ -420,15 +454,25 @@ def _sse(request: Request, state: AppState, head: StreamHead, start: int) -> Res
         async with watching(state, head) as (fresh, tail):
             announced = False
             while True:
-                result = await state.streams.reader.read(fresh, position, tail=tail)
-                # Data and its control event go out in one write: a reader never sees data
-                # without the offset that resumes after it.
-                frame = b""
+                fresh.check_readable(position)
+                cursor = _cursor(request)
+
+                async def build(at: int = position, cursor: str = cursor) -> tuple[ReadResult, bytes]:
+                    result = await state.streams.reader.read(fresh, at, tail=tail)
+                    # Data and its control event go out in one write: a reader never sees data
+                    # without the offset that resumes after it.
+                    frame = b""
+                    after = at
+                    if result.records:
+                        frame = sse_event(event="data", data=_sse_data(fresh, result, text))
+                        after = result.next_offset
+                    return result, frame + sse_event(event="control", data=_control(result, after, cursor))
+
+                result, frame = await shared(tail, ("ds", position, text, cursor), build)
                 if result.records:
-                    frame = sse_event(event="data", data=_sse_data(fresh, result, text))
                     position = result.next_offset
                 if result.records or not announced:
-                    yield frame + sse_event(event="control", data=_control(request, result, position))
+                    yield frame
                     announced = True
                 if result.closed and position >= result.tail_offset:
                     return
@@ -447,13 +491,13 @@ def _sse_data(head: StreamHead, result: ReadResult, text: bool) -> str:
     return base64.b64encode(joined).decode()
 
 
-def _control(request: Request, result: ReadResult, position: int) -> str:
+def _control(result: ReadResult, position: int, cursor: str) -> str:
     control: dict[str, Any] = {"streamNextOffset": format_offset(position)}
     up_to_date = position >= result.tail_offset
     if result.closed and up_to_date:
         control["streamClosed"] = True
     else:
-        control["streamCursor"] = _cursor(request)
+        control["streamCursor"] = cursor
     if up_to_date:
         control["upToDate"] = True
     return orjson.dumps(control).decode()
@@ -486,6 +530,7 @@ async def delete_stream_route(request: Request) -> Response:
     async with state.pool.acquire() as conn:
         head = await load_head(conn, target.principal.environment.id, target.name)
         await delete_stream(conn, head)
+    state.streams.targets.forget(target.principal.environment.id, target.name)
     return Response(status_code=204)
 
 

@@ -50,6 +50,13 @@ class ChunkCache:
             self._entries.move_to_end(key)
         return data
 
+    def lookup(self, key: ChunkKey) -> bytes | None:
+        """The cached bytes, counted as a hit; None (not counted) when absent."""
+        data = self.get(key)
+        if data is not None:
+            self.hits += 1
+        return data
+
     async def get_or_load(self, key: ChunkKey, load: Callable[[ChunkKey], Awaitable[bytes]]) -> bytes:
         data = self.get(key)
         if data is not None:

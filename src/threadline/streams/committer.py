@@ -221,17 +221,23 @@ class GroupCommitter:
             FLUSH_SECONDS.labels("object_put").observe(put_done - started)
             if previous is not None:
                 await previous.wait()  # transactions commit in flush order
-            try:
-                changes = await self._commit(batch, key, body, put_done)
-            except _Stalled:
-                FLUSH_FAILURES.labels("stalled").inc()
-                self._fail(batch, ServiceUnavailable("commit stalled; retry", code="database_unavailable"))
-                return
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                FLUSH_FAILURES.labels("postgres").inc()
-                logger.warning("group commit failed", extra={"error": str(exc), "appends": len(batch)})
-                self._fail(batch, ServiceUnavailable("database unavailable", code="database_unavailable"))
-                return
+            with self._live.committing(key):
+                try:
+                    changes = await self._commit(batch, key, body, put_done)
+                except _Stalled:
+                    FLUSH_FAILURES.labels("stalled").inc()
+                    self._fail(
+                        batch, ServiceUnavailable("commit stalled; retry", code="database_unavailable")
+                    )
+                    return
+                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    FLUSH_FAILURES.labels("postgres").inc()
+                    logger.warning("group commit failed", extra={"error": str(exc), "appends": len(batch)})
+                    self._fail(batch, ServiceUnavailable("database unavailable", code="database_unavailable"))
+                    return
+                # The appenders were acknowledged in _commit; their responses are scheduled
+                # ahead of the subscribers woken here.
+                self._live.on_commit(changes)
             FLUSH_SECONDS.labels("commit").observe(time.perf_counter() - put_done)
             FLUSHES.inc()
             FLUSH_APPENDS.observe(len(batch))
@@ -240,16 +246,6 @@ class GroupCommitter:
                 # rather than leave it to the orphan sweep.
                 with contextlib.suppress(ObjectStoreUnavailable):
                     await self._objects.delete([key])
-            elif key is not None:
-                for change in changes:
-                    if change.chunk is not None:
-                        ref = change.chunk
-                        start = ref.byte_start
-                        self._cache.put(
-                            ChunkKey(key, start, ref.byte_length),
-                            bytes(body[start : start + ref.byte_length]),
-                        )
-            self._live.on_commit(changes)
         except Exception as exc:  # never leave an appender waiting
             logger.exception("group commit crashed")
             self._fail(batch, exc)
@@ -346,6 +342,9 @@ class GroupCommitter:
                         outcomes.append((pending, outcome))
                 changes = self._changes(heads)
                 await self._write(conn, key, len(body), heads, producers, changed_producers, changes)
+                # Cached before COMMIT: this transaction's NOTIFY may reach the listener (and wake
+                # every subscriber) before COMMIT's reply reaches us, and they must find the bytes.
+                self._cache_chunks(key, body, changes)
         for head in heads.values():
             if head.records and head.session_id is not None:
                 self._activity.touch(head.session_id)
@@ -360,6 +359,14 @@ class GroupCommitter:
                 RECORDS.inc(result.appended)
                 pending.future.set_result(result)
         return changes
+
+    def _cache_chunks(self, key: str | None, body: bytes, changes: list[TailChange]) -> None:
+        if key is None:
+            return
+        for change in changes:
+            if change.chunk is not None:
+                start, length = change.chunk.byte_start, change.chunk.byte_length
+                self._cache.put(ChunkKey(key, start, length), body[start : start + length])
 
     @staticmethod
     def _decide(

@@ -20,8 +20,12 @@ from threadline.streams.committer import GroupCommitter
 from threadline.streams.live import LiveHub
 from threadline.streams.maintenance import Maintenance
 from threadline.streams.reader import StreamReader
+from threadline.streams.targets import AppendTargets
 
 __all__ = ["StreamEngine"]
+
+# Names whose (id, content type) the append path remembers: ~200 bytes each, so a few MiB.
+_APPEND_TARGETS = 20_000
 
 
 class StreamEngine:
@@ -31,6 +35,7 @@ class StreamEngine:
         self.objects = objects
         self.cache = ChunkCache(settings.chunk_cache_bytes)
         self.live = LiveHub(settings.database_url)
+        self.targets = AppendTargets(_APPEND_TARGETS)
         self.activity = SessionActivity(pool)
         self.committer = GroupCommitter(
             pool,

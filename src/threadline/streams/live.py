@@ -97,6 +97,11 @@ class StreamTail:
     recent: deque[ChunkRef] = field(default_factory=lambda: deque(maxlen=_RECENT_CHUNKS))
     watchers: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Bumped on every move; what readers built for one version is void at the next.
+    version: int = 0
+    # What one reader built from the tail at this version (an SSE frame for an offset), for the
+    # other readers at the same place: see api.sse.shared. Cleared when the tail moves.
+    shared: dict[object, object] = field(default_factory=dict)
 
     def apply(self, change: TailChange) -> bool:
         """Fold a change in; True when it moved the tail or closed the stream."""
@@ -119,6 +124,8 @@ class StreamTail:
         return True
 
     def _wake(self) -> None:
+        self.version += 1
+        self.shared.clear()
         event, self.changed = self.changed, asyncio.Event()
         event.set()
 
@@ -136,8 +143,10 @@ class StreamTail:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
+            # asyncio.timeout, not wait_for: no task per waiter per wake-up.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self.changed.wait()
         return True
 
 
@@ -152,6 +161,7 @@ class LiveHub:
         self._database_url = database_url
         self._resync_interval = resync_interval
         self._tails: dict[int, StreamTail] = {}
+        self._committing: set[str] = set()
         self._connected = asyncio.Event()
         self.notifications = 0
 
@@ -179,6 +189,22 @@ class LiveHub:
             if tail is not None:
                 tail.apply(change)
 
+    @contextlib.contextmanager
+    def committing(self, object_key: str | None) -> Iterator[None]:
+        """While this instance commits the flush that wrote ``object_key``, its NOTIFY is ours to
+        ignore: the committer applies the same changes itself once COMMIT returns, right after
+        acknowledging the appenders. Applied from the NOTIFY instead (it can arrive first), the
+        wake-up would put every subscriber's delivery ahead of the writer's acknowledgement.
+        If the commit's outcome is never learned (connection lost), the resync catches up."""
+        if object_key is None:
+            yield
+            return
+        self._committing.add(object_key)
+        try:
+            yield
+        finally:
+            self._committing.discard(object_key)
+
     def _on_notification(self, conn: Any, pid: int, channel: str, payload: object) -> None:
         self.notifications += 1
         assert isinstance(payload, str)
@@ -187,6 +213,8 @@ class LiveHub:
         except (ValueError, IndexError):
             logger.warning("ignoring malformed stream notification", extra={"payload": payload[:200]})
             return
+        if self._committing:
+            changes = [c for c in changes if c.chunk is None or c.chunk.object_key not in self._committing]
         self.on_commit(changes)
 
     async def wait_connected(self, wait_seconds: float) -> bool:

@@ -81,7 +81,7 @@ class StreamReader:
             selected.append((chunk, bound))
             size += chunk.byte_length
         try:
-            blobs = await asyncio.gather(*(self._chunk_bytes(chunk) for chunk, _ in selected))
+            blobs = await self._chunks_bytes([chunk for chunk, _ in selected])
         except ObjectReplaced:
             if retried:
                 raise
@@ -136,6 +136,23 @@ class StreamReader:
                 if rows and rows[-1][1] < min(high, tail_offset):
                     break  # this page did not reach the end of this part: the caller reads on later
         return located
+
+    async def _chunks_bytes(self, chunks: list[ChunkRef]) -> list[bytes]:
+        """The chunks' bytes, from the cache where it has them. A live tail's chunks are almost
+        always cached, and a thousand subscribers waking at once then read without a task or a
+        suspension each; only misses go to the object store, concurrently."""
+        blobs: list[bytes | None] = [
+            self._cache.lookup(ChunkKey(chunk.object_key, chunk.byte_start, chunk.byte_length))
+            for chunk in chunks
+        ]
+        missing = [index for index, blob in enumerate(blobs) if blob is None]
+        if len(missing) == 1:
+            blobs[missing[0]] = await self._chunk_bytes(chunks[missing[0]])
+        elif missing:
+            loaded = await asyncio.gather(*(self._chunk_bytes(chunks[index]) for index in missing))
+            for index, blob in zip(missing, loaded, strict=True):
+                blobs[index] = blob
+        return [blob for blob in blobs if blob is not None]
 
     async def _chunk_bytes(self, chunk: ChunkRef) -> bytes:
         key = ChunkKey(chunk.object_key, chunk.byte_start, chunk.byte_length)
