@@ -37,6 +37,7 @@ from threadline.auth.principal import Action, Principal
 from threadline.errors import ApiError, Conflict, Forbidden, NotFound, ValidationFailed
 from threadline.sessions.models import SessionView
 from threadline.streams.committer import AppendOutcome, AppendRequest
+from threadline.streams.errors import check_content_type
 from threadline.streams.heads import (
     StreamHead,
     StreamSettings,
@@ -305,12 +306,7 @@ async def _append(
     if body:
         if not content_type:
             raise ValidationFailed("an append needs a Content-Type")
-        if media_type(content_type) != media_type(target.content_type):
-            raise Conflict(
-                f"content type {media_type(content_type)!r} does not match the stream's "
-                f"{media_type(target.content_type)!r}",
-                code="content_type_mismatch",
-            )
+        check_content_type(content_type, target.content_type)
         records = split_json(body, allow_empty_array=False) if is_json(target.content_type) else [body]
         check_batch(records)
     elif not close:

@@ -58,9 +58,8 @@ class ChunkCache:
         return data
 
     async def get_or_load(self, key: ChunkKey, load: Callable[[ChunkKey], Awaitable[bytes]]) -> bytes:
-        data = self.get(key)
+        data = self.lookup(key)
         if data is not None:
-            self.hits += 1
             return data
         pending = self._loading.get(key)
         if pending is not None:

@@ -34,9 +34,8 @@ from threadline.errors import ApiError, Conflict, NotFound, ServiceUnavailable
 from threadline.storage.objects import ObjectStore, ObjectStoreUnavailable
 from threadline.streams.activity import SessionActivity
 from threadline.streams.cache import ChunkCache, ChunkKey
-from threadline.streams.errors import StreamGone, stream_closed
+from threadline.streams.errors import StreamGone, check_content_type, stream_closed
 from threadline.streams.live import ChunkRef, LiveHub, TailChange, encode_notifications
-from threadline.streams.names import media_type
 from threadline.streams.producers import Producer, ProducerState, decide
 from threadline.streams.records import encode_blob
 
@@ -400,16 +399,8 @@ class GroupCommitter:
             raise stream_closed(head.next_offset)
         if head.session_expired:
             raise Conflict("the session has expired; its channels take no appends", code="session_expired")
-        if (
-            request.records
-            and request.content_type is not None
-            and media_type(request.content_type) != media_type(head.content_type)
-        ):
-            raise Conflict(
-                f"content type {media_type(request.content_type)!r} does not match the stream's "
-                f"{media_type(head.content_type)!r}",
-                code="content_type_mismatch",
-            )
+        if request.records and request.content_type is not None:
+            check_content_type(request.content_type, head.content_type)
         if request.stream_seq is not None:
             if head.last_stream_seq is not None and request.stream_seq <= head.last_stream_seq:
                 raise Conflict(

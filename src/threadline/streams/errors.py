@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from threadline.errors import ApiError, Conflict
+from threadline.streams.names import media_type
 from threadline.streams.offsets import format_offset
 
-__all__ = ["StreamGone", "stream_closed"]
+__all__ = ["StreamGone", "check_content_type", "stream_closed"]
 
 
 class StreamGone(ApiError):
@@ -24,3 +25,13 @@ def stream_closed(next_offset: int) -> Conflict:
         code="stream_closed",
         headers={"Stream-Closed": "true", "Stream-Next-Offset": format_offset(next_offset)},
     )
+
+
+def check_content_type(given: str, stream_content_type: str) -> None:
+    """409 unless an append's Content-Type names the stream's media type (parameters aside)."""
+    if media_type(given) != media_type(stream_content_type):
+        raise Conflict(
+            f"content type {media_type(given)!r} does not match the stream's "
+            f"{media_type(stream_content_type)!r}",
+            code="content_type_mismatch",
+        )

@@ -47,8 +47,6 @@ class AppendTargets:
 
     def remember(self, environment_id: str, name: str, stream_id: int, content_type: str) -> AppendTarget:
         target = AppendTarget(stream_id, content_type)
-        if self._capacity <= 0:
-            return target
         key = (environment_id, name)
         self._entries[key] = target
         self._entries.move_to_end(key)
