@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install peer-install run test lint typecheck check bench bench-quick bench-sessions clean
+.PHONY: install peer-install run test test-unit lint typecheck check bench bench-quick bench-sessions clean
 
 install: $(VENV)/.installed conformance/node_modules/.installed
 
@@ -34,6 +34,10 @@ run: install
 ## Run the whole test suite against a real embedded stack
 test: install
 	$(BIN)/pytest
+
+## Only the unit tests: pure logic, no services, a few seconds
+test-unit: $(VENV)/.installed
+	$(BIN)/pytest tests/unit
 
 ## Benchmarks: Threadline next to the Durable Streams reference server and the cost floor, plus
 ## lists and replication lag; one table to stdout and bench/results/compare.{json,md} (< 10 min)

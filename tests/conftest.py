@@ -24,6 +24,7 @@ import asyncpg
 import httpx
 import pytest
 import uvicorn
+from blockbuster import BlockBuster, blockbuster_ctx
 
 from threadline.api.app import uvicorn_config
 from threadline.auth.keys import bootstrap_environment, create_api_key
@@ -32,6 +33,27 @@ from threadline.db import apply_migrations
 from threadline.devserver import settings_for_stack
 from threadline.embedded.ports import free_port
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_blocking_calls_on_the_event_loop() -> Iterator[BlockBuster]:
+    """Fail on blocking I/O (file, socket, sleep, os calls) made by Threadline's code while an
+    event loop runs in that thread: in the test servers' loops, and in tests that run async code.
+
+    Only stacks through ``threadline`` count; the embedded-stack launcher is synchronous by design
+    (it runs before any server and in ``threadline dev``'s foreground, not on a serving loop).
+    A blocking call raises ``BlockingError`` where it happens, which fails the request (500) or
+    the test that made it.
+    """
+    with blockbuster_ctx("threadline", excluded_modules=["threadline.embedded"]) as blockbuster:
+        for function in blockbuster.functions.values():
+            # asyncpg looks for client certificates under ~/.postgresql (a stat) when it opens a
+            # connection: once per pooled connection, never per request.
+            function.can_block_in("asyncpg/connect_utils.py", {"_parse_connect_dsn_and_args"})
+            # A module imported for the first time reads its file (clickhouse-connect imports
+            # numpy/pandas lazily on its first query): once per process.
+            function.can_block_in("<frozen importlib._bootstrap_external>", {"get_data", "path_stats"})
+        yield blockbuster
 
 
 @pytest.fixture(scope="session")

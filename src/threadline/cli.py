@@ -16,7 +16,13 @@ import asyncpg
 import uvicorn
 
 from threadline import __version__
-from threadline.auth.keys import bootstrap_environment, create_api_key, list_api_keys, revoke_api_key
+from threadline.auth.keys import (
+    bootstrap_environment,
+    create_api_key,
+    list_api_keys,
+    revoke_api_key,
+    signing_secret,
+)
 from threadline.config import DEV_ENDPOINTS_FILE, Settings, sql_dir
 from threadline.db import MigrationError, apply_migrations
 from threadline.logs import configure_logging
@@ -121,9 +127,7 @@ async def _env(args: argparse.Namespace, settings: Settings) -> None:
             "organizationId": environment.organization_id,
         }
         if args.env_command == "signing-secret":
-            out["signingSecret"] = await conn.fetchval(
-                "SELECT signing_secret FROM environments WHERE id = $1", environment.id
-            )
+            out["signingSecret"] = await signing_secret(conn, environment.id)
         print(json.dumps(out))
 
 

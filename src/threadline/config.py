@@ -130,9 +130,11 @@ class Settings(BaseSettings):
         return [origin.strip() for origin in self.cors_allow_origins.split(",") if origin.strip()]
 
 
+# Where the SQL files live: inside the wheel, or at the repository root in a checkout. Found once
+# at import, so asking for them later touches no file system (it is asked on the event loop).
+_BUNDLED_SQL = Path(__file__).parent / "_sql"
+_SQL_ROOT = _BUNDLED_SQL if _BUNDLED_SQL.is_dir() else Path(__file__).resolve().parents[2]
+
+
 def sql_dir(name: Literal["pg_migrations", "clickhouse_schema"]) -> Path:
-    """Where the SQL files live: inside the wheel, or at the repository root in a checkout."""
-    bundled = Path(__file__).parent / "_sql" / name
-    if bundled.is_dir():
-        return bundled
-    return Path(__file__).resolve().parents[2] / name
+    return _SQL_ROOT / name

@@ -7,6 +7,7 @@ refuses to run against a database whose applied migrations were edited afterward
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ from typing import Any, TypeAlias
 import asyncpg
 
 from threadline.config import sql_dir
+from threadline.errors import EngineError
 
 __all__ = ["Conn", "Migration", "MigrationError", "apply_migrations", "create_pool", "load_migrations"]
 
@@ -32,8 +34,8 @@ _MIGRATION_LOCK_KEY = 0x7468_7264_6C6E_0001
 _FILE_PATTERN = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
-class MigrationError(Exception):
-    pass
+class MigrationError(EngineError):
+    """The database's applied migrations do not match the files (edited, or from the future)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +89,7 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
 
 async def apply_migrations(conn: Conn, directory: Path | None = None) -> list[str]:
     """Apply pending migrations; return the names of those applied now."""
-    migrations = load_migrations(directory)
+    migrations = await asyncio.to_thread(load_migrations, directory)
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
     try:

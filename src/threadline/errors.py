@@ -1,17 +1,64 @@
-"""Errors that become HTTP responses.
+"""Every error Threadline raises, in one tree.
 
-Every error a client sees has the same JSON body::
+An :class:`ApiError` becomes an HTTP response; every one has the same JSON body::
 
     {"error": {"code": "<machine readable>", "message": "<for humans>", "details": <any>}}
 
-    ApiError                      400 bad_request
-    ├── ValidationFailed          400 validation_error
-    ├── Unauthorized              401 unauthorized
-    ├── Forbidden                 403 forbidden
-    ├── NotFound                  404 not_found
-    ├── Conflict                  409 conflict (code varies: session_closed, external_id_conflict, ...)
-    ├── PayloadTooLarge           413 payload_too_large
-    └── ServiceUnavailable        503 service_unavailable (with Retry-After)
+Each code is one class here, with its status, so callers catch by meaning (``except
+StreamClosed``), never by comparing code strings, and a client's ``code`` is defined once::
+
+    ThreadlineError
+    ├── ApiError                        400 bad_request
+    │   ├── ValidationFailed            400 validation_error
+    │   │   ├── InvalidJson                 invalid_json
+    │   │   ├── UnknownParameter            unknown_parameter
+    │   │   ├── InvalidCursor               invalid_cursor
+    │   │   ├── InvalidOffset               invalid_offset
+    │   │   ├── OffsetOutOfRange            offset_out_of_range
+    │   │   ├── InvalidStreamName           invalid_stream_name
+    │   │   ├── InvalidForkOffset           invalid_fork_offset
+    │   │   ├── InvalidTimeout              invalid_timeout
+    │   │   ├── EmptyAppend                 empty_append
+    │   │   └── ProducerEpochSeq            producer_epoch_seq
+    │   ├── Unauthorized                401 unauthorized
+    │   ├── Forbidden                   403 forbidden
+    │   │   └── ProducerFenced              producer_fenced
+    │   ├── NotFound                    404 not_found
+    │   │   ├── RouteNotFound               route_not_found
+    │   │   ├── SessionNotFound             session_not_found
+    │   │   ├── StreamNotFound              stream_not_found
+    │   │   ├── ChannelNotFound             channel_not_found
+    │   │   └── ForkSourceNotFound          fork_source_not_found
+    │   ├── MethodNotAllowed            405 method_not_allowed
+    │   ├── Conflict                    409 conflict
+    │   │   ├── SessionClosed               session_closed
+    │   │   ├── SessionExpired              session_expired
+    │   │   ├── SessionChannel              session_channel
+    │   │   ├── ExternalIdConflict          external_id_conflict
+    │   │   ├── StreamClosed                stream_closed
+    │   │   ├── StreamExists                stream_exists
+    │   │   ├── StreamDeleted               stream_deleted
+    │   │   ├── StreamSeqConflict           stream_seq_conflict
+    │   │   ├── ContentTypeMismatch         content_type_mismatch
+    │   │   ├── ProducerSeqGap              producer_seq_gap
+    │   │   └── ForkSourceDeleted           fork_source_deleted
+    │   ├── Gone                        410 gone
+    │   │   ├── StreamGone                  stream_gone
+    │   │   └── OffsetTrimmed               offset_trimmed
+    │   ├── PayloadTooLarge             413 payload_too_large
+    │   │   ├── RecordTooLarge              record_too_large
+    │   │   └── BatchTooLarge               batch_too_large
+    │   ├── HttpError                   any other status starlette raises: http_error
+    │   ├── InternalError               500 internal_error
+    │   └── ServiceUnavailable          503 service_unavailable (with Retry-After)
+    │       ├── DatabaseUnavailable         database_unavailable
+    │       ├── StorageUnavailable          storage_unavailable
+    │       ├── ReplicationLagging          replication_lagging
+    │       └── ShuttingDown                shutting_down
+    └── EngineError                     not an HTTP answer: the code that calls the engine maps it
+        ├── DependencyUnavailable       a service did not answer (ObjectStoreUnavailable,
+        │                               ClickHouseUnavailable: see ``storage/``)
+        └── DependencyRefused           a service answered with an error (ClickHouseError)
 
 Validation uses 400 for every kind of bad input — malformed JSON, unknown fields and values out of
 range alike — so clients need one rule, not two.
@@ -23,31 +70,73 @@ from typing import Any, ClassVar
 
 __all__ = [
     "ApiError",
+    "BatchTooLarge",
+    "ChannelNotFound",
     "Conflict",
+    "ContentTypeMismatch",
+    "DatabaseUnavailable",
+    "DependencyRefused",
+    "DependencyUnavailable",
+    "EmptyAppend",
+    "EngineError",
+    "ExternalIdConflict",
     "Forbidden",
+    "ForkSourceDeleted",
+    "ForkSourceNotFound",
+    "Gone",
+    "HttpError",
+    "InternalError",
+    "InvalidCursor",
+    "InvalidForkOffset",
+    "InvalidJson",
+    "InvalidOffset",
+    "InvalidStreamName",
+    "InvalidTimeout",
+    "MethodNotAllowed",
     "NotFound",
+    "OffsetOutOfRange",
+    "OffsetTrimmed",
     "PayloadTooLarge",
+    "ProducerEpochSeq",
+    "ProducerFenced",
+    "ProducerSeqGap",
+    "RecordTooLarge",
+    "ReplicationLagging",
+    "RouteNotFound",
     "ServiceUnavailable",
+    "SessionChannel",
+    "SessionClosed",
+    "SessionExpired",
+    "SessionNotFound",
+    "ShuttingDown",
+    "StorageUnavailable",
+    "StreamClosed",
+    "StreamDeleted",
+    "StreamExists",
+    "StreamGone",
+    "StreamNotFound",
+    "StreamSeqConflict",
+    "ThreadlineError",
     "Unauthorized",
+    "UnknownParameter",
     "ValidationFailed",
+    "api_error_classes",
 ]
 
 
-class ApiError(Exception):
-    status_code: ClassVar[int] = 400
-    default_code: ClassVar[str] = "bad_request"
+class ThreadlineError(Exception):
+    """The root of every error this package raises on purpose."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: str | None = None,
-        details: Any = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
+
+class ApiError(ThreadlineError):
+    """An answer to the client: ``status_code`` and ``code`` are the class's, never per instance."""
+
+    status_code: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+
+    def __init__(self, message: str, *, details: Any = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.code = code or self.default_code
         self.details = details
         self.headers = headers or {}
 
@@ -58,13 +147,59 @@ class ApiError(Exception):
         return {"error": error}
 
 
+# --- 400 ---------------------------------------------------------------------------------------
+
+
 class ValidationFailed(ApiError):
-    default_code = "validation_error"
+    code = "validation_error"
+
+
+class InvalidJson(ValidationFailed):
+    code = "invalid_json"
+
+
+class UnknownParameter(ValidationFailed):
+    code = "unknown_parameter"
+
+
+class InvalidCursor(ValidationFailed):
+    code = "invalid_cursor"
+
+
+class InvalidOffset(ValidationFailed):
+    code = "invalid_offset"
+
+
+class OffsetOutOfRange(ValidationFailed):
+    code = "offset_out_of_range"
+
+
+class InvalidStreamName(ValidationFailed):
+    code = "invalid_stream_name"
+
+
+class InvalidForkOffset(ValidationFailed):
+    code = "invalid_fork_offset"
+
+
+class InvalidTimeout(ValidationFailed):
+    code = "invalid_timeout"
+
+
+class EmptyAppend(ValidationFailed):
+    code = "empty_append"
+
+
+class ProducerEpochSeq(ValidationFailed):
+    code = "producer_epoch_seq"
+
+
+# --- 401 / 403 ---------------------------------------------------------------------------------
 
 
 class Unauthorized(ApiError):
     status_code = 401
-    default_code = "unauthorized"
+    code = "unauthorized"
 
     def __init__(self, message: str = "missing or invalid credentials", **kwargs: Any) -> None:
         kwargs.setdefault("headers", {"WWW-Authenticate": 'Bearer realm="threadline"'})
@@ -73,28 +208,197 @@ class Unauthorized(ApiError):
 
 class Forbidden(ApiError):
     status_code = 403
-    default_code = "forbidden"
+    code = "forbidden"
+
+
+class ProducerFenced(Forbidden):
+    code = "producer_fenced"
+
+
+# --- 404 / 405 ---------------------------------------------------------------------------------
 
 
 class NotFound(ApiError):
     status_code = 404
-    default_code = "not_found"
+    code = "not_found"
+
+
+class RouteNotFound(NotFound):
+    code = "route_not_found"
+
+
+class SessionNotFound(NotFound):
+    code = "session_not_found"
+
+
+class StreamNotFound(NotFound):
+    code = "stream_not_found"
+
+
+class ChannelNotFound(NotFound):
+    code = "channel_not_found"
+
+
+class ForkSourceNotFound(NotFound):
+    code = "fork_source_not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status_code = 405
+    code = "method_not_allowed"
+
+
+# --- 409 ---------------------------------------------------------------------------------------
 
 
 class Conflict(ApiError):
     status_code = 409
-    default_code = "conflict"
+    code = "conflict"
+
+
+class SessionClosed(Conflict):
+    code = "session_closed"
+
+
+class SessionExpired(Conflict):
+    code = "session_expired"
+
+
+class SessionChannel(Conflict):
+    code = "session_channel"
+
+
+class ExternalIdConflict(Conflict):
+    code = "external_id_conflict"
+
+
+class StreamClosed(Conflict):
+    code = "stream_closed"
+
+
+class StreamExists(Conflict):
+    code = "stream_exists"
+
+
+class StreamDeleted(Conflict):
+    code = "stream_deleted"
+
+
+class StreamSeqConflict(Conflict):
+    code = "stream_seq_conflict"
+
+
+class ContentTypeMismatch(Conflict):
+    code = "content_type_mismatch"
+
+
+class ProducerSeqGap(Conflict):
+    code = "producer_seq_gap"
+
+
+class ForkSourceDeleted(Conflict):
+    code = "fork_source_deleted"
+
+
+# --- 410 / 413 ---------------------------------------------------------------------------------
+
+
+class Gone(ApiError):
+    status_code = 410
+    code = "gone"
+
+
+class StreamGone(Gone):
+    """A deleted stream that still has live forks."""
+
+    code = "stream_gone"
+
+    def __init__(self, message: str = "stream is gone", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+
+
+class OffsetTrimmed(Gone):
+    """A read before the trim point."""
+
+    code = "offset_trimmed"
 
 
 class PayloadTooLarge(ApiError):
     status_code = 413
-    default_code = "payload_too_large"
+    code = "payload_too_large"
+
+
+class RecordTooLarge(PayloadTooLarge):
+    code = "record_too_large"
+
+
+class BatchTooLarge(PayloadTooLarge):
+    code = "batch_too_large"
+
+
+class HttpError(ApiError):
+    """Another error starlette raised itself (its status is the exception's, not this class's)."""
+
+    code = "http_error"
+
+
+# --- 5xx ---------------------------------------------------------------------------------------
+
+
+class InternalError(ApiError):
+    """A bug: logged with its traceback, answered without details."""
+
+    status_code = 500
+    code = "internal_error"
 
 
 class ServiceUnavailable(ApiError):
     status_code = 503
-    default_code = "service_unavailable"
+    code = "service_unavailable"
 
     def __init__(self, message: str, *, retry_after: int = 1, **kwargs: Any) -> None:
         kwargs.setdefault("headers", {"Retry-After": str(retry_after)})
         super().__init__(message, **kwargs)
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    code = "database_unavailable"
+
+
+class StorageUnavailable(ServiceUnavailable):
+    code = "storage_unavailable"
+
+
+class ReplicationLagging(ServiceUnavailable):
+    code = "replication_lagging"
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "shutting_down"
+
+
+# --- not HTTP answers --------------------------------------------------------------------------
+
+
+class EngineError(ThreadlineError):
+    """Raised inside the engine and storage layers; callers map it to an :class:`ApiError` (or
+    handle it) at the boundary."""
+
+
+class DependencyUnavailable(EngineError):
+    """A service (Postgres, S3, ClickHouse) did not answer, or not in time."""
+
+
+class DependencyRefused(EngineError):
+    """A service answered, with an error: a bug or a schema problem, not an outage."""
+
+
+def api_error_classes() -> list[type[ApiError]]:
+    """Every :class:`ApiError` class, the root first (for docs and the catalogue's own checks)."""
+    found: list[type[ApiError]] = []
+    pending: list[type[ApiError]] = [ApiError]
+    while pending:
+        cls = pending.pop(0)
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found

@@ -25,8 +25,10 @@ from threadline.api.state import AppState
 from threadline.auth.authenticator import Authenticator
 from threadline.config import Settings, sql_dir
 from threadline.db import apply_migrations, create_pool
-from threadline.errors import ApiError
+from threadline.errors import ApiError, HttpError, InternalError, MethodNotAllowed, RouteNotFound
 from threadline.replication.consumer import ReplicationConsumer
+from threadline.sessions.activity import SessionActivity
+from threadline.sessions.lists import SessionLists
 from threadline.storage.clickhouse import ClickHouseUnavailable, apply_clickhouse_schema, connect_clickhouse
 from threadline.storage.objects import ObjectStore
 from threadline.streams.engine import StreamEngine
@@ -78,16 +80,17 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (no route, wrong method), in the same body as every other error."""
     assert isinstance(exc, HTTPException)
-    codes = {404: "route_not_found", 405: "method_not_allowed"}
-    body = {"error": {"code": codes.get(exc.status_code, "http_error"), "message": exc.detail}}
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    kind: type[ApiError] = {404: RouteNotFound, 405: MethodNotAllowed}.get(exc.status_code, HttpError)
+    error = kind(exc.detail)
+    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _unhandled_error(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error", extra={"path": request.url.path})
-    body = {"error": {"code": "internal_error", "message": "internal server error"}}
-    return JSONResponse(body, status_code=500)
+    error = InternalError("internal server error")
+    return JSONResponse(error.body(), status_code=error.status_code)
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -96,6 +99,7 @@ def create_app(settings: Settings) -> Starlette:
         pool = await create_pool(
             settings.database_url, min_size=settings.db_pool_min_size, max_size=settings.db_pool_max_size
         )
+        lists: SessionLists | None = None
         try:
             if settings.migrate_on_start:
                 # A dedicated connection: the migration lock is session-level and must not
@@ -113,8 +117,10 @@ def create_app(settings: Settings) -> Starlette:
             except ClickHouseUnavailable as exc:
                 # Lists fall back to Postgres; /readyz reports ClickHouse until it answers.
                 logger.warning("clickhouse unavailable at start", extra={"error": str(exc)})
+            lists = SessionLists(settings, pool, clickhouse)
             objects = ObjectStore(settings)
-            engine = StreamEngine(settings, pool, objects)
+            activity = SessionActivity(pool)
+            engine = StreamEngine(settings, pool, objects, activity)
             app.state.threadline = AppState(
                 settings=settings,
                 pool=pool,
@@ -124,8 +130,8 @@ def create_app(settings: Settings) -> Starlette:
                     jwt_leeway_seconds=settings.jwt_leeway_seconds,
                 ),
                 objects=objects,
-                streams=engine,
-                clickhouse=clickhouse,
+                streams=engine.service,
+                lists=lists,
             )
             replication: asyncio.Task[None] | None = None
             if settings.replication_enabled:
@@ -137,20 +143,25 @@ def create_app(settings: Settings) -> Starlette:
                 )
                 app.state.threadline.replication = consumer
                 replication = asyncio.create_task(consumer.run(), name="threadline-replication")
+            activity_task = asyncio.create_task(activity.run(), name="threadline-activity")
             await engine.start()
             logger.info("threadline started", extra={"version": __version__})
             try:
                 yield
             finally:
                 await engine.stop()
+                # After the appends drained: their last activity is written.
+                activity_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await activity_task
+                await activity.close()
                 if replication is not None:
                     replication.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await replication
         finally:
-            state: AppState | None = getattr(app.state, "threadline", None)
-            if state is not None and state.clickhouse is not None:
-                await state.clickhouse.close()
+            if lists is not None:
+                await lists.close()
             await pool.close()
 
     router = Router(

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from threadline.errors import PayloadTooLarge, ValidationFailed
+from threadline.errors import InvalidJson, PayloadTooLarge, ValidationFailed
 
 __all__ = ["MAX_JSON_BODY_BYTES", "read_body", "read_model"]
 
@@ -19,7 +19,7 @@ Model = TypeVar("Model", bound=BaseModel)
 async def read_body(request: Request, limit: int) -> bytes:
     """Read at most ``limit`` bytes; stop reading (413) as soon as the body is known to be larger."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
     chunks: list[bytes] = []
     size = 0
@@ -47,18 +47,16 @@ async def read_model(request: Request, model: type[Model], *, allow_empty: bool 
     if not raw.strip():
         if allow_empty:
             return model()
-        raise ValidationFailed("request body must be a JSON object", code="invalid_json")
+        raise InvalidJson("request body must be a JSON object")
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type not in ("application/json", ""):
-        raise ValidationFailed(
-            f"Content-Type must be application/json, not {content_type}", code="invalid_json"
-        )
+        raise InvalidJson(f"Content-Type must be application/json, not {content_type}")
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValidationFailed(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        raise InvalidJson(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ValidationFailed("request body must be a JSON object", code="invalid_json")
+        raise InvalidJson("request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -12,9 +12,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from threadline.api.list_source import connect_if_missing
 from threadline.api.state import AppState, app_state
 from threadline.replication import SLOT
+from threadline.replication.progress import slot_status
 from threadline.storage.clickhouse import ping_clickhouse
 
 __all__ = ["routes"]
@@ -32,7 +32,7 @@ async def _check_postgres(state: AppState) -> None:
 
 
 async def _check_clickhouse(state: AppState) -> None:
-    await ping_clickhouse(await connect_if_missing(state))
+    await ping_clickhouse(await state.lists.clickhouse())
 
 
 async def _run_check(check: Callable[[], Awaitable[None]]) -> dict[str, Any]:
@@ -49,18 +49,13 @@ async def _run_check(check: Callable[[], Awaitable[None]]) -> dict[str, Any]:
 async def _replication(state: AppState) -> dict[str, Any]:
     """Mirror progress, reported but not gating readiness: a lagging list is not an outage."""
     async with state.pool.acquire() as conn:
-        row = await conn.fetchrow(
-            """SELECT confirmed_flush_lsn::text AS confirmed,
-                      pg_wal_lsn_diff(pg_current_wal_flush_lsn(), confirmed_flush_lsn)::bigint AS lag_bytes
-               FROM pg_replication_slots WHERE slot_name = $1""",
-            SLOT,
-        )
+        status = await slot_status(conn)
     consumer = state.replication
     report: dict[str, Any] = {
         "slot": SLOT,
-        "slotExists": row is not None,
-        "confirmedLsn": row["confirmed"] if row else None,
-        "lagBytes": row["lag_bytes"] if row else None,
+        "slotExists": status is not None,
+        "confirmedLsn": status.confirmed_lsn if status else None,
+        "lagBytes": status.lag_bytes if status else None,
         "thisInstanceLeads": bool(consumer and consumer.is_leader),
     }
     if consumer is not None and consumer.is_leader:
@@ -85,7 +80,8 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    # The process collector reads /proc files: off the event loop (the registry is thread-safe).
+    return Response(await asyncio.to_thread(generate_latest), media_type=CONTENT_TYPE_LATEST)
 
 
 routes = [

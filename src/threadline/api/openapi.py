@@ -14,6 +14,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from threadline import __version__
+from threadline.sessions.fields import FILTER_PARAMS
 from threadline.sessions.models import CloseSessionBody, CreateSessionBody, MintTokenBody, PatchSessionBody
 
 __all__ = ["build_openapi", "routes"]
@@ -27,19 +28,10 @@ _SESSION_PARAM = {
     "description": "A session id (`session_…`) or the session's externalId.",
     "schema": {"type": "string"},
 }
-_FILTER_PARAMS = [
-    {"name": f"filter[{name}]", "in": "query", "schema": {"type": "string"}, "description": description}
-    for name, description in [
-        ("type", "Comma-separated types (any of)."),
-        ("tags", "Comma-separated tags (any of), at most 10."),
-        ("taskIdentifier", "Comma-separated task identifiers (any of)."),
-        ("externalId", "Comma-separated external ids (any of)."),
-        ("status", "Comma-separated statuses: ACTIVE, CLOSED, EXPIRED."),
-        ("createdAt][period", "Created within this period: 30m, 12h, 7d, 2w."),
-        ("createdAt][from", "Created at or after (ISO 8601 or epoch ms)."),
-        ("createdAt][to", "Created at or before (ISO 8601 or epoch ms)."),
-    ]
-] + [{"name": "minLsn", "in": "query", "schema": {"type": "string"}, "description": "Read-your-writes LSN."}]
+# The list filters are described where they are defined (sessions.fields).
+_FILTER_PARAMS = [param.openapi() for param in FILTER_PARAMS] + [
+    {"name": "minLsn", "in": "query", "schema": {"type": "string"}, "description": "Read-your-writes LSN."}
+]
 
 
 def _body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:

@@ -13,7 +13,7 @@ browser reconnects where it left off.
 
 from __future__ import annotations
 
-import time
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -23,17 +23,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from threadline.api.bodies import read_body
-from threadline.api.sse import event_stream, shared, sse_event, watching
-from threadline.api.state import AppState, app_state
-from threadline.api.streams import STREAM_PREFIX, append_to, channel_session, query_offset
+from threadline.api.params import STREAM_PREFIX, producer_headers, query_offset
+from threadline.api.sse import event_stream, sse_event
+from threadline.api.state import app_state
 from threadline.auth.principal import Action
-from threadline.errors import Conflict, NotFound, ValidationFailed
+from threadline.errors import ChannelNotFound, InvalidTimeout
+from threadline.sessions.access import channel_session, refuse_appends_to
 from threadline.sessions.models import SessionView
-from threadline.streams.heads import StreamHead, load_head
 from threadline.streams.names import SESSION_CHANNEL_CONTENT_TYPE, session_channel_name
 from threadline.streams.offsets import Position, format_offset, parse_offset
-from threadline.streams.reader import ReadResult
 from threadline.streams.records import MAX_BATCH_BYTES
+from threadline.streams.service import Append, FollowStep
 
 __all__ = ["REALTIME_PREFIX", "routes"]
 
@@ -62,14 +62,9 @@ async def _channel(request: Request, action: Action) -> _Channel:
     principal = await state.authenticator.authenticate(request, allow_query_token=request.method == "GET")
     io = request.path_params["io"]
     if io not in ("out", "in"):
-        raise NotFound(f"a session has channels out and in, not {io!r}", code="channel_not_found")
-    session = await channel_session(state, principal, action, request.path_params["session"])
+        raise ChannelNotFound(f"a session has channels out and in, not {io!r}")
+    session = await channel_session(state.pool, principal, action, request.path_params["session"])
     return _Channel(session, io)
-
-
-async def _head(state: AppState, channel: _Channel) -> StreamHead:
-    async with state.pool.acquire() as conn:
-        return await load_head(conn, channel.session.environment_id, channel.stream_name)
 
 
 def _urls(request: Request, channel: _Channel) -> dict[str, str]:
@@ -99,15 +94,6 @@ async def describe_channel(request: Request) -> Response:
     )
 
 
-def _refuse_writes_to(session: SessionView) -> None:
-    if session.status == "CLOSED":
-        raise Conflict(f"session {session.id} is closed; its channels take no appends", code="session_closed")
-    if session.status == "EXPIRED":
-        raise Conflict(
-            f"session {session.id} has expired; its channels take no appends", code="session_expired"
-        )
-
-
 async def append(request: Request) -> Response:
     """Append one JSON value, or each element of a JSON array, as records (atomically).
 
@@ -115,17 +101,18 @@ async def append(request: Request) -> Response:
     stream's row lock, so an append racing a close is refused too (409 ``stream_closed``).
     """
     channel = await _channel(request, Action.WRITE)
-    _refuse_writes_to(channel.session)
-    state = app_state(request)
+    refuse_appends_to(channel.session)
     body = await read_body(request, MAX_BATCH_BYTES)
-    outcome, producer = await append_to(
-        state,
+    producer = producer_headers(request)
+    outcome = await app_state(request).streams.append(
         channel.session.environment_id,
         channel.stream_name,
-        request,
-        body,
-        close=False,
-        default_content_type=SESSION_CHANNEL_CONTENT_TYPE,
+        Append(
+            body,
+            request.headers.get("content-type") or SESSION_CHANNEL_CONTENT_TYPE,
+            producer=producer,
+            stream_seq=request.headers.get("Stream-Seq"),
+        ),
     )
     payload: dict[str, object] = {
         "offset": format_offset(outcome.start_offset),
@@ -146,10 +133,9 @@ def _timeout_seconds(request: Request) -> int:
     value = request.headers.get(TIMEOUT_HEADER) or request.query_params.get("timeoutSeconds")
     if value is None:
         return DEFAULT_TIMEOUT_SECONDS
-    if not value.isdigit() or not 1 <= int(value) <= MAX_TIMEOUT_SECONDS:
-        raise ValidationFailed(
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_TIMEOUT_SECONDS:
+        raise InvalidTimeout(
             f"{TIMEOUT_HEADER} must be a whole number of seconds from 1 to {MAX_TIMEOUT_SECONDS}",
-            code="invalid_timeout",
         )
     return int(value)
 
@@ -171,42 +157,32 @@ async def subscribe(request: Request) -> Response:
     position = _start(request)
     channel = await _channel(request, Action.READ)
     state = app_state(request)
-    head = await _head(state, channel)
-    start = head.read_start(position)
+    head, start = await state.streams.open_read(channel.session.environment_id, channel.stream_name, position)
     if head.closed and start >= head.next_offset:
         return Response(status_code=204, headers={"Stream-Next-Offset": format_offset(head.next_offset)})
-    deadline = time.monotonic() + timeout_seconds
+    deadline = asyncio.get_running_loop().time() + timeout_seconds
 
     async def events() -> AsyncIterator[bytes]:
-        offset = start
         yield f"retry: {_RETRY_MS}\n\n".encode()
-        async with watching(state, head) as (fresh, tail):
-            while True:
-                fresh.check_readable(offset)
+        steps = state.streams.follow(
+            head, start, idle_seconds=state.settings.sse_heartbeat_seconds, deadline=deadline
+        )
+        async for step in steps:
+            if step.result.records:
+                yield step.frame("realtime", _record_events)
+            if step.finished:
+                data = orjson.dumps({"nextOffset": format_offset(step.result.next_offset)}).decode()
+                yield sse_event(data, event="closed")
 
-                async def build(at: int = offset) -> tuple[ReadResult, bytes]:
-                    result = await state.streams.reader.read(fresh, at, tail=tail)
-                    frame = bytearray()
-                    for index, record in enumerate(result.records, start=at + 1):
-                        frame += sse_event(bytes(record).decode(), event_id=format_offset(index))
-                    return result, bytes(frame)
+    return event_stream(state.settings, events(), {})
 
-                result, frame = await shared(tail, ("realtime", offset), build)
-                if result.records:
-                    offset = result.next_offset
-                    yield frame
-                if result.closed and offset >= result.tail_offset:
-                    yield sse_event(
-                        orjson.dumps({"nextOffset": format_offset(offset)}).decode(), event="closed"
-                    )
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                if offset >= result.tail_offset:
-                    await tail.wait_beyond(offset, min(remaining, state.settings.sse_heartbeat_seconds))
 
-    return event_stream(state, events(), {})
+def _record_events(step: FollowStep) -> bytes:
+    """One event per record, ``id:`` the offset after it (what EventSource resumes from)."""
+    frame = bytearray()
+    for index, record in enumerate(step.result.records, start=step.start + 1):
+        frame += sse_event(bytes(record).decode(), event_id=format_offset(index))
+    return bytes(frame)
 
 
 routes = [

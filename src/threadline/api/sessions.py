@@ -9,24 +9,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from threadline.api import list_source
 from threadline.api.bodies import read_model
 from threadline.api.state import app_state
-from threadline.auth.principal import Action, Principal, SessionRef
+from threadline.auth.keys import signing_secret
+from threadline.auth.principal import Action, Principal
 from threadline.auth.tokens import mint_token
-from threadline.db import Conn
-from threadline.errors import Forbidden, ValidationFailed
+from threadline.errors import ValidationFailed
 from threadline.sessions import repository
+from threadline.sessions.access import authorized_session, require_scope
 from threadline.sessions.listing import parse_count_query, parse_list_query
 from threadline.sessions.models import (
     CloseSessionBody,
     CreateSessionBody,
     MintTokenBody,
     PatchSessionBody,
-    SessionView,
 )
 
-__all__ = ["authorized_session", "routes"]
+__all__ = ["routes"]
 
 LSN_HEADER = "Threadline-Lsn"
 LIST_SOURCE_HEADER = "Threadline-List-Source"
@@ -34,23 +33,8 @@ LIST_SOURCE_HEADER = "Threadline-List-Source"
 
 async def _principal(request: Request, action: Action, *, environment_wide: bool = False) -> Principal:
     principal = await app_state(request).authenticator.authenticate(request)
-    allowed = (
-        principal.may_on_all_sessions(action) if environment_wide else principal.may_on_any_session(action)
-    )
-    if not allowed:
-        scope = f"{action.value}:sessions"
-        raise Forbidden(
-            f"this credential lacks the {scope} scope" + ("" if environment_wide else f" (or {scope}:<id>)")
-        )
+    require_scope(principal, action, environment_wide=environment_wide)
     return principal
-
-
-async def authorized_session(conn: Conn, principal: Principal, action: Action, ref: str) -> SessionView:
-    """Load ``ref`` in the caller's environment (404 otherwise) and check the scope on it (403)."""
-    session = await repository.get_session(conn, principal.environment.id, ref)
-    if not principal.may_on_session(action, SessionRef(session.id, session.external_id)):
-        raise Forbidden(f"this credential has no {action.value} scope for session {session.id}")
-    return session
 
 
 def _json(data: Any, status_code: int = 200, lsn: str | None = None) -> JSONResponse:
@@ -106,8 +90,8 @@ async def close_session(request: Request) -> Response:
     body = await read_model(request, CloseSessionBody, allow_empty=True)
     ref = request.path_params["session"]
     async with app_state(request).pool.acquire() as conn:
-        await authorized_session(conn, principal, Action.WRITE, ref)
-        session, _ = await repository.close_session(conn, principal.environment.id, ref, body.reason or None)
+        session = await authorized_session(conn, principal, Action.WRITE, ref)
+        session, _ = await repository.close_session(conn, session.id, body.reason or None)
         lsn = await repository.current_lsn(conn)
     return _json(session.to_json(), lsn=lsn)
 
@@ -122,7 +106,7 @@ def _multi_params(request: Request) -> dict[str, list[str]]:
 async def list_sessions(request: Request) -> Response:
     principal = await _principal(request, Action.READ, environment_wide=True)
     query = parse_list_query(_multi_params(request))
-    page, source = await list_source.list_sessions(app_state(request), principal.environment.id, query)
+    page, source = await app_state(request).lists.list(principal.environment.id, query)
     return JSONResponse(
         {
             "data": [session.to_json() for session in page.sessions],
@@ -135,7 +119,7 @@ async def list_sessions(request: Request) -> Response:
 async def count_sessions(request: Request) -> Response:
     principal = await _principal(request, Action.READ, environment_wide=True)
     query = parse_count_query(_multi_params(request))
-    counts, source = await list_source.count_sessions(app_state(request), principal.environment.id, query)
+    counts, source = await app_state(request).lists.count(principal.environment.id, query)
     return JSONResponse(counts, headers={LIST_SOURCE_HEADER: source})
 
 
@@ -149,9 +133,7 @@ async def mint_session_token(request: Request) -> Response:
         raise ValidationFailed(f"expiresInSeconds may be at most {settings.session_token_max_ttl_seconds}")
     async with state.pool.acquire() as conn:
         session = await authorized_session(conn, principal, Action.ADMIN, request.path_params["session"])
-        secret = await conn.fetchval(
-            "SELECT signing_secret FROM environments WHERE id = $1", principal.environment.id
-        )
+        secret = await signing_secret(conn, principal.environment.id)
     scopes = sorted({f"{verb}:sessions:{session.id}" for verb in body.scopes})
     token, exp = mint_token(
         secret=secret,

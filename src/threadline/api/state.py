@@ -1,9 +1,12 @@
-"""What the app holds for its lifetime, created in the lifespan and reached from handlers."""
+"""What the app holds for its lifetime, created in the lifespan and reached from handlers.
+
+Routes see services only: the stream API, session lists, the authenticator. The stream engine's
+parts and the ClickHouse client stay behind them.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -12,24 +15,11 @@ from starlette.requests import HTTPConnection
 from threadline.auth.authenticator import Authenticator
 from threadline.config import Settings
 from threadline.replication.consumer import ReplicationConsumer
+from threadline.sessions.lists import SessionLists
 from threadline.storage.objects import ObjectStore
-from threadline.streams.engine import StreamEngine
+from threadline.streams.service import StreamService
 
-__all__ = ["AppState", "ListSourceState", "app_state"]
-
-
-@dataclass(slots=True)
-class ListSourceState:
-    """What list/count remember between requests about where to read (``api/list_source.py``).
-
-    Times are ``time.monotonic()``. Both caches keep a down ClickHouse, or a deployment without
-    replication, from costing every list request a failed connect or an extra Postgres query.
-    """
-
-    clickhouse_retry_at: float = 0.0  # no ClickHouse (connect or query) before this
-    mirror_checked_at: float | None = None
-    mirror_ready: bool = False
-    connect_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+__all__ = ["AppState", "app_state"]
 
 
 @dataclass(slots=True)
@@ -38,10 +28,9 @@ class AppState:
     pool: asyncpg.Pool[Any]
     authenticator: Authenticator
     objects: ObjectStore
-    streams: StreamEngine
-    clickhouse: Any | None  # clickhouse_connect AsyncClient, None while unreachable
+    streams: StreamService
+    lists: SessionLists
     replication: ReplicationConsumer | None = None  # this instance's consumer (leader or standby)
-    lists: ListSourceState = field(default_factory=ListSourceState)
 
 
 def app_state(conn: HTTPConnection) -> AppState:

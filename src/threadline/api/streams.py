@@ -15,12 +15,11 @@ environment-wide ``read:sessions`` / ``write:sessions`` (or a secret key).
 from __future__ import annotations
 
 import base64
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import orjson
@@ -30,40 +29,21 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from threadline.api.bodies import read_body, read_model
-from threadline.api.sessions import authorized_session
-from threadline.api.sse import event_stream, shared, sse_event, watching
-from threadline.api.state import AppState, app_state
-from threadline.auth.principal import Action, Principal
-from threadline.errors import ApiError, Conflict, Forbidden, NotFound, ValidationFailed
-from threadline.sessions.models import SessionView
-from threadline.streams.committer import AppendOutcome, AppendRequest
-from threadline.streams.errors import check_content_type
-from threadline.streams.heads import (
-    StreamHead,
-    StreamSettings,
-    create_stream,
-    delete_stream,
-    extend_ttl,
-    load_head,
-    trim_stream,
-)
-from threadline.streams.names import (
-    SESSION_PREFIX,
-    is_json,
-    media_type,
-    parse_session_channel,
-    session_channel_name,
-    validate_name,
-)
-from threadline.streams.offsets import Position, format_offset, parse_offset, read_start
-from threadline.streams.producers import Producer
+from threadline.api.params import STREAM_PREFIX, flag_header, integer_header, producer_headers, query_offset
+from threadline.api.sse import event_stream, sse_event
+from threadline.api.state import app_state
+from threadline.auth.principal import Action
+from threadline.errors import SessionChannel, ValidationFailed
+from threadline.sessions.access import StreamAccess, stream_access
+from threadline.streams.heads import StreamHead, StreamSettings
+from threadline.streams.names import is_json, media_type, validate_name
+from threadline.streams.offsets import format_offset, parse_offset
 from threadline.streams.reader import ReadResult
-from threadline.streams.records import MAX_BATCH_BYTES, check_batch, json_array, split_json
-from threadline.streams.targets import AppendTarget
+from threadline.streams.records import MAX_BATCH_BYTES, json_array
+from threadline.streams.service import Append, FollowStep
 
-__all__ = ["STREAM_PREFIX", "routes"]
+__all__ = ["routes"]
 
-STREAM_PREFIX = "/v1/stream/"
 TRIM_PATH = "/api/v1/streams/trim"
 
 NEXT_OFFSET = "Stream-Next-Offset"
@@ -71,56 +51,18 @@ UP_TO_DATE = "Stream-Up-To-Date"
 CURSOR = "Stream-Cursor"
 CLOSED = "Stream-Closed"
 
-_INTEGER = re.compile(r"^(0|[1-9][0-9]{0,17})$")
 # Cursors advance every 20 s, so CDN-cached long-poll responses expire with them (protocol §cursor).
 _CURSOR_INTERVAL_MS = 20_000
 
 
-@dataclass(frozen=True, slots=True)
-class _Target:
-    principal: Principal
-    name: str
-    session_id: str | None
-
-
-async def _target(request: Request, action: Action, name: str | None = None) -> _Target:
+async def _target(request: Request, action: Action, name: str | None = None) -> tuple[str, StreamAccess]:
     """Authenticate, resolve the stream name (the path's unless given), and check the caller may
-    ``action`` it."""
+    ``action`` it. Returns the caller's environment id and the stream."""
     state = app_state(request)
     principal = await state.authenticator.authenticate(request, allow_query_token=request.method == "GET")
     name = validate_name(request.path_params["name"] if name is None else name)
-    channel = parse_session_channel(name)
-    if channel is None:
-        if name.startswith(SESSION_PREFIX):
-            raise NotFound(f"stream {name!r} not found", code="stream_not_found")
-        if not principal.may_on_all_sessions(action):
-            raise Forbidden(f"stand-alone streams need the environment-wide {action.value}:sessions scope")
-        return _Target(principal, name, None)
-    ref, io = channel
-    session = await channel_session(state, principal, action, ref)
-    return _Target(principal, session_channel_name(session.id, io), session.id)
-
-
-async def channel_session(state: AppState, principal: Principal, action: Action, ref: str) -> SessionView:
-    """The session owning a channel, if the caller may ``action`` its channels (403 / 404)."""
-    if not principal.may_on_any_session(action):
-        raise Forbidden(f"this credential lacks the {action.value}:sessions scope")
-    async with state.pool.acquire() as conn:
-        return await authorized_session(conn, principal, action, ref)
-
-
-def _integer_header(request: Request, name: str) -> int | None:
-    value = request.headers.get(name)
-    if value is None:
-        return None
-    if not _INTEGER.match(value):
-        raise ValidationFailed(f"{name} must be a non-negative integer without sign or leading zeros")
-    return int(value)
-
-
-def _flag(request: Request, name: str) -> bool:
-    value = request.headers.get(name)
-    return value is not None and value.strip().lower() == "true"
+    access = await stream_access(state.pool, principal, action, name)
+    return principal.environment.id, access
 
 
 def _expires_at(request: Request) -> datetime | None:
@@ -163,15 +105,14 @@ def _location(request: Request) -> str:
 
 
 async def put_stream(request: Request) -> Response:
-    target = await _target(request, Action.WRITE)
-    state = app_state(request)
-    ttl = _integer_header(request, "Stream-TTL")
+    environment_id, target = await _target(request, Action.WRITE)
+    ttl = integer_header(request, "Stream-TTL")
     expires_at = _expires_at(request)
     if ttl is not None and expires_at is not None:
         raise ValidationFailed("send Stream-TTL or Stream-Expires-At, not both")
     fork_from = request.headers.get("Stream-Forked-From")
     fork_offset_header = request.headers.get("Stream-Fork-Offset")
-    sub_offset = _integer_header(request, "Stream-Fork-Sub-Offset") or 0
+    sub_offset = integer_header(request, "Stream-Fork-Sub-Offset") or 0
     fork_offset: int | None = None
     if fork_offset_header is not None:
         position = parse_offset(fork_offset_header, name="Stream-Fork-Offset")
@@ -185,11 +126,14 @@ async def put_stream(request: Request) -> Response:
     if sub_offset and fork_offset_header is None:
         raise ValidationFailed("Stream-Fork-Sub-Offset needs Stream-Fork-Offset")
     content_type = request.headers.get("content-type") or None
-    closed = _flag(request, CLOSED)
+    closed = flag_header(request, CLOSED)
     body = await read_body(request, MAX_BATCH_BYTES)
+    streams = app_state(request).streams
 
     if target.session_id is not None:
-        return await _describe_session_channel(state, target, content_type)
+        # A session's channels exist with the session: PUT confirms one (200) if the type fits.
+        head = await streams.describe(environment_id, target.name, content_type)
+        return Response(status_code=200, headers=_head_headers(head))
 
     settings = StreamSettings(
         content_type=content_type,
@@ -200,135 +144,31 @@ async def put_stream(request: Request) -> Response:
         fork_offset=fork_offset,
         fork_sub_offset=sub_offset,
     )
-    async with state.pool.acquire() as conn:
-        created = await create_stream(
-            conn, target.principal.environment.id, target.name, settings, state.streams.reader.record_at
-        )
-    head = created.head
+    created = await streams.create(environment_id, target.name, settings, body)
     if not created.created:
-        return Response(status_code=200, headers=_head_headers(head))
-    records: list[bytes] = [created.prefix] if created.prefix is not None else []
-    if body:
-        records.extend(split_json(body, allow_empty_array=True) if is_json(head.content_type) else [body])
-    check_batch(records)
-    next_offset, is_closed = head.next_offset, False
-    if records or closed:
-        outcome = await state.streams.committer.append(
-            AppendRequest(head.id, records, content_type=None, close=closed)
-        )
-        next_offset, is_closed = outcome.next_offset, outcome.closed
-    headers = _head_headers(head, next_offset, is_closed)
+        return Response(status_code=200, headers=_head_headers(created.head))
+    headers = _head_headers(created.head, created.next_offset, created.closed)
     headers["Location"] = _location(request)
     return Response(status_code=201, headers=headers)
-
-
-async def _describe_session_channel(state: AppState, target: _Target, content_type: str | None) -> Response:
-    """A session's channels exist with the session: PUT confirms one (200) if the type fits."""
-    async with state.pool.acquire() as conn:
-        head = await load_head(conn, target.principal.environment.id, target.name)
-    if content_type is not None and media_type(content_type) != media_type(head.content_type):
-        raise Conflict(f"session channels are {head.content_type} streams", code="content_type_mismatch")
-    return Response(status_code=200, headers=_head_headers(head))
 
 
 # --- POST ------------------------------------------------------------------------------------
 
 
-def _producer(request: Request) -> Producer | None:
-    producer_id = request.headers.get("Producer-Id")
-    epoch = request.headers.get("Producer-Epoch")
-    seq = request.headers.get("Producer-Seq")
-    given = [value is not None for value in (producer_id, epoch, seq)]
-    if not any(given):
-        return None
-    if not all(given):
-        raise ValidationFailed("Producer-Id, Producer-Epoch and Producer-Seq go together")
-    if not producer_id or not producer_id.strip():
-        raise ValidationFailed("Producer-Id must not be empty")
-    parsed_epoch = _integer_header(request, "Producer-Epoch")
-    parsed_seq = _integer_header(request, "Producer-Seq")
-    assert parsed_epoch is not None
-    assert parsed_seq is not None
-    return Producer(producer_id, parsed_epoch, parsed_seq)
-
-
-# A cached append target that yields one of these from the commit may be stale (the row is gone
-# or a new stream took the name): resolve the name again and retry once. The append was refused,
-# so nothing was written.
-_STALE_TARGET_CODES = frozenset({"stream_not_found", "stream_gone", "content_type_mismatch"})
-
-
-async def append_to(
-    state: AppState,
-    environment_id: str,
-    name: str,
-    request: Request,
-    body: bytes,
-    *,
-    close: bool,
-    default_content_type: str | None = None,
-) -> tuple[AppendOutcome, Producer | None]:
-    """Append the request's records to the stream ``name`` and wait for the commit.
-
-    The name resolves through :class:`~threadline.streams.targets.AppendTargets`, so a steady
-    appender costs no Postgres lookup of its own; the committer is the authority on everything
-    else. ``default_content_type`` stands in for a missing Content-Type (the protocol demands
-    one; the session routes assume JSON)."""
-    producer = _producer(request)
-    targets = state.streams.targets
-    cached = targets.get(environment_id, name)
-    if cached is not None:
-        try:
-            return await _append(
-                state, cached, request, body, producer, close, default_content_type
-            ), producer
-        except ApiError as exc:
-            if exc.code not in _STALE_TARGET_CODES:
-                raise
-            targets.forget(environment_id, name)
-    async with state.pool.acquire() as conn:
-        head = await load_head(conn, environment_id, name)
-    target = targets.remember(environment_id, name, head.id, head.content_type)
-    return await _append(state, target, request, body, producer, close, default_content_type), producer
-
-
-async def _append(
-    state: AppState,
-    target: AppendTarget,
-    request: Request,
-    body: bytes,
-    producer: Producer | None,
-    close: bool,
-    default_content_type: str | None,
-) -> AppendOutcome:
-    content_type = request.headers.get("content-type") or default_content_type
-    records: list[bytes] = []
-    if body:
-        if not content_type:
-            raise ValidationFailed("an append needs a Content-Type")
-        check_content_type(content_type, target.content_type)
-        records = split_json(body, allow_empty_array=False) if is_json(target.content_type) else [body]
-        check_batch(records)
-    elif not close:
-        raise ValidationFailed("an append needs a body (or Stream-Closed: true)", code="empty_append")
-    return await state.streams.committer.append(
-        AppendRequest(
-            target.id,
-            records,
-            content_type=content_type if records else None,
-            close=close,
+async def post_stream(request: Request) -> Response:
+    environment_id, target = await _target(request, Action.WRITE)
+    body = await read_body(request, MAX_BATCH_BYTES)
+    producer = producer_headers(request)
+    outcome = await app_state(request).streams.append(
+        environment_id,
+        target.name,
+        Append(
+            body,
+            request.headers.get("content-type"),
+            close=flag_header(request, CLOSED),
             producer=producer,
             stream_seq=request.headers.get("Stream-Seq"),
-        )
-    )
-
-
-async def post_stream(request: Request) -> Response:
-    target = await _target(request, Action.WRITE)
-    state = app_state(request)
-    body = await read_body(request, MAX_BATCH_BYTES)
-    outcome, producer = await append_to(
-        state, target.principal.environment.id, target.name, request, body, close=_flag(request, CLOSED)
+        ),
     )
     headers = {NEXT_OFFSET: format_offset(outcome.next_offset)}
     if outcome.closed:
@@ -344,19 +184,11 @@ async def post_stream(request: Request) -> Response:
 # --- GET / HEAD ------------------------------------------------------------------------------
 
 
-def query_offset(request: Request) -> Position | None:
-    """The request's ``?offset=``, parsed (None when absent; more than one is a 400)."""
-    offsets = request.query_params.getlist("offset")
-    if len(offsets) > 1:
-        raise ValidationFailed("send one offset")
-    return parse_offset(offsets[0]) if offsets else None
-
-
 def _cursor(request: Request) -> str:
     """Increasing cursors: the current 20 s interval, or past the client's echoed cursor."""
     current = int(time.time() * 1000) // _CURSOR_INTERVAL_MS
     echoed = request.query_params.get("cursor")
-    if echoed is not None and echoed.isdigit() and int(echoed) >= current:
+    if echoed is not None and echoed.isascii() and echoed.isdigit() and int(echoed) >= current:
         current = int(echoed) + 1 + secrets.randbelow(3)
     return str(current)
 
@@ -380,17 +212,15 @@ async def get_stream(request: Request) -> Response:
         raise ValidationFailed(f"live={live} needs an offset")
     if position is None:
         position = "start"
-    target = await _target(request, Action.READ)
+    environment_id, target = await _target(request, Action.READ)
     state = app_state(request)
-    async with state.pool.acquire() as conn:
-        head = await load_head(conn, target.principal.environment.id, target.name)
-        await extend_ttl(conn, head)
-    start = head.read_start(position)
+    head, start = await state.streams.open_read(environment_id, target.name, position)
     if live == "sse":
-        return _sse(request, state, head, start)
+        return _sse(request, head, start)
     if live == "long-poll":
-        return await _long_poll(request, state, head, start)
-    result = await state.streams.reader.read(head, start)
+        result = await state.streams.poll(head, start, state.settings.long_poll_timeout_seconds)
+        return _long_poll_response(request, head, start, result)
+    result = await state.streams.read(head, start)
     return _read_response(request, head, start, result, no_store=position == "now")
 
 
@@ -420,62 +250,50 @@ def _read_response(
     return Response(_read_body(head, result), status_code=200, headers=headers)
 
 
-async def _long_poll(request: Request, state: AppState, head: StreamHead, start: int) -> Response:
-    async with watching(state, head) as (head, tail):
-        if start >= tail.next_offset and not tail.closed:
-            await tail.wait_beyond(start, state.settings.long_poll_timeout_seconds)
-        if start < tail.next_offset:
-            result = await state.streams.reader.read(head, start, tail=tail)
-            return _read_response(request, head, start, result, no_store=True, cursor=_cursor(request))
+def _long_poll_response(request: Request, head: StreamHead, start: int, result: ReadResult) -> Response:
+    if result.records:
+        return _read_response(request, head, start, result, no_store=True, cursor=_cursor(request))
     headers = {
-        NEXT_OFFSET: format_offset(max(start, tail.next_offset)),
+        NEXT_OFFSET: format_offset(max(start, result.tail_offset)),
         UP_TO_DATE: "true",
         "Cache-Control": "no-store",
     }
-    if tail.closed:
+    if result.closed:
         headers[CLOSED] = "true"
     else:
         headers[CURSOR] = _cursor(request)
     return Response(status_code=204, headers=headers)
 
 
-def _sse(request: Request, state: AppState, head: StreamHead, start: int) -> Response:
+def _sse(request: Request, head: StreamHead, start: int) -> Response:
+    state = app_state(request)
     text = is_json(head.content_type) or media_type(head.content_type).startswith("text/")
     headers: dict[str, str] = {}
     if not text:
         headers["Stream-SSE-Data-Encoding"] = "base64"
 
     async def events() -> AsyncIterator[bytes]:
-        position = start
-        async with watching(state, head) as (fresh, tail):
-            announced = False
-            while True:
-                fresh.check_readable(position)
+        steps = state.streams.follow(head, start, idle_seconds=state.settings.sse_heartbeat_seconds)
+        announced = False
+        async for step in steps:
+            if step.result.records or not announced:
                 cursor = _cursor(request)
+                # Data and its control event go out in one write: a reader never sees data
+                # without the offset that resumes after it.
+                yield step.frame(f"ds-sse:{int(text)}:{cursor}", partial(_sse_frame, head, text, cursor))
+                announced = True
 
-                async def build(at: int = position, cursor: str = cursor) -> tuple[ReadResult, bytes]:
-                    result = await state.streams.reader.read(fresh, at, tail=tail)
-                    # Data and its control event go out in one write: a reader never sees data
-                    # without the offset that resumes after it.
-                    frame = b""
-                    after = at
-                    if result.records:
-                        frame = sse_event(event="data", data=_sse_data(fresh, result, text))
-                        after = result.next_offset
-                    return result, frame + sse_event(event="control", data=_control(result, after, cursor))
+    return event_stream(state.settings, events(), headers)
 
-                result, frame = await shared(tail, ("ds", position, text, cursor), build)
-                if result.records:
-                    position = result.next_offset
-                if result.records or not announced:
-                    yield frame
-                    announced = True
-                if result.closed and position >= result.tail_offset:
-                    return
-                if position >= result.tail_offset:
-                    await tail.wait_beyond(position, state.settings.sse_heartbeat_seconds)
 
-    return event_stream(state, events(), headers)
+def _sse_frame(head: StreamHead, text: bool, cursor: str, step: FollowStep) -> bytes:
+    result = step.result
+    frame = b""
+    after = step.start
+    if result.records:
+        frame = sse_event(event="data", data=_sse_data(head, result, text))
+        after = result.next_offset
+    return frame + sse_event(event="control", data=_control(result, after, cursor))
 
 
 def _sse_data(head: StreamHead, result: ReadResult, text: bool) -> str:
@@ -500,10 +318,8 @@ def _control(result: ReadResult, position: int, cursor: str) -> str:
 
 
 async def head_stream(request: Request) -> Response:
-    target = await _target(request, Action.READ)
-    state = app_state(request)
-    async with state.pool.acquire() as conn:
-        head = await load_head(conn, target.principal.environment.id, target.name)
+    environment_id, target = await _target(request, Action.READ)
+    head = await app_state(request).streams.head(environment_id, target.name)
     headers = _head_headers(head)
     headers["Cache-Control"] = "no-store"
     if head.ttl_seconds is not None:
@@ -517,16 +333,10 @@ async def head_stream(request: Request) -> Response:
 
 
 async def delete_stream_route(request: Request) -> Response:
-    target = await _target(request, Action.WRITE)
+    environment_id, target = await _target(request, Action.WRITE)
     if target.session_id is not None:
-        raise Conflict(
-            "a session's channels are deleted with the session; close it instead", code="session_channel"
-        )
-    state = app_state(request)
-    async with state.pool.acquire() as conn:
-        head = await load_head(conn, target.principal.environment.id, target.name)
-        await delete_stream(conn, head)
-    state.streams.targets.forget(target.principal.environment.id, target.name)
+        raise SessionChannel("a session's channels are deleted with the session; close it instead")
+    await app_state(request).streams.delete(environment_id, target.name)
     return Response(status_code=204)
 
 
@@ -542,13 +352,11 @@ class TrimBody(BaseModel):
 
 async def trim_route(request: Request) -> Response:
     body = await read_model(request, TrimBody)
-    target = await _target(request, Action.WRITE, body.stream.removeprefix(STREAM_PREFIX).lstrip("/"))
-    state = app_state(request)
+    environment_id, target = await _target(
+        request, Action.WRITE, body.stream.removeprefix(STREAM_PREFIX).lstrip("/")
+    )
     position = parse_offset(body.before, name="before")
-    async with state.pool.acquire() as conn:
-        head = await load_head(conn, target.principal.environment.id, target.name)
-        before = read_start(position, trim_offset=0, next_offset=head.next_offset)
-        trim_offset, next_offset = await trim_stream(conn, head, before)
+    trim_offset, next_offset = await app_state(request).streams.trim(environment_id, target.name, position)
     return JSONResponse(
         {
             "stream": target.name,

@@ -24,6 +24,7 @@ __all__ = [
     "hash_key",
     "list_api_keys",
     "revoke_api_key",
+    "signing_secret",
 ]
 
 _DISPLAY_PREFIX_LENGTH = len(SECRET_KEY_PREFIX) + 6
@@ -136,3 +137,11 @@ async def find_key(conn: Conn, key: str) -> tuple[str, Environment] | None:
     if row is None:
         return None
     return row["id"], Environment(row["env_id"], row["project_id"], row["organization_id"])
+
+
+async def signing_secret(conn: Conn, environment_id: str) -> str:
+    """The secret the environment's JWTs are signed with (HS256)."""
+    secret = await conn.fetchval("SELECT signing_secret FROM environments WHERE id = $1", environment_id)
+    if secret is None:
+        raise LookupError(f"environment {environment_id!r} does not exist")
+    return str(secret)

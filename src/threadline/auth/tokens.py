@@ -15,6 +15,8 @@ from typing import Any
 
 import jwt
 
+from threadline.errors import EngineError
+
 __all__ = [
     "ALGORITHM",
     "InvalidToken",
@@ -28,8 +30,8 @@ __all__ = [
 ALGORITHM = "HS256"
 
 
-class InvalidToken(Exception):
-    pass
+class InvalidToken(EngineError):
+    """A JWT that is malformed, badly signed, expired or of the wrong algorithm."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ _INIT_KEY = ".threadline-bucket-init"
 # volumes in one heartbeat). Until then writes already work, on a new volume, but reads of
 # anything stored before the restart fail with 500 "volume N not found".
 _READY_KEY = ".threadline-volumes-ready"
+_READY_CONTENT = b"volumes ready"
 _PORTS_FILE = "threadline-ports.json"
 _LOG_KEY = re.compile(r"^[FE]\d{4} ")  # glog fatal / error lines
 
@@ -203,9 +204,13 @@ class EmbeddedS3:
         store.put(_INIT_KEY, b"")
         store.delete(_INIT_KEY)
         try:
-            store.get(_READY_KEY).bytes()
+            stored = bytes(store.get(_READY_KEY).bytes())
         except (FileNotFoundError, NotFoundError):  # a new data dir: nothing stored before
-            store.put(_READY_KEY, b"")
+            stored = b""
+        if not stored:
+            # The marker must have content: an empty object has no chunk, so reading it back
+            # proves nothing about the volumes (data dirs from before this fix hold an empty one).
+            store.put(_READY_KEY, _READY_CONTENT)
         return True
 
     def _remove_sockets(self, ports: S3Ports | None = None) -> None:

@@ -19,7 +19,6 @@ commit the slot will still deliver, so ReplacingMergeTree keeps the right row in
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -44,6 +43,7 @@ from threadline.replication.pgoutput import (
     parse_lsn,
     row_values,
 )
+from threadline.sessions.fields import SESSIONS_V1_COLUMNS
 from threadline.storage.clickhouse import (
     AsyncClient,
     ClickHouseError,
@@ -61,25 +61,8 @@ logger = logging.getLogger(__name__)
 LEADER_LOCK_KEY = 0x7468_7264_6C6E_0002
 _POSTGRES_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
 
-COLUMNS = [
-    "environment_id",
-    "organization_id",
-    "project_id",
-    "session_id",
-    "external_id",
-    "type",
-    "task_identifier",
-    "tags",
-    "metadata",
-    "closed_at",
-    "closed_reason",
-    "expires_at",
-    "created_at",
-    "updated_at",
-    "last_active_at",
-    "_version",
-    "_is_deleted",
-]
+# The sessions_v1 columns in schema order, from the one definition in sessions.fields.
+COLUMNS = [column.name for column in SESSIONS_V1_COLUMNS]
 
 LEADER = Gauge("threadline_replication_leader", "1 while this instance leads the sessions mirror")
 LAG_BYTES = Gauge(
@@ -113,30 +96,8 @@ class SessionRow:
         return str(self.values["id"])
 
     def as_clickhouse(self) -> list[Any]:
-        v = self.values
-        metadata = v.get("metadata")
-        return [
-            v["environment_id"],
-            v["organization_id"],
-            v["project_id"],
-            v["id"],
-            v.get("external_id") or "",
-            v["type"],
-            v.get("task_identifier") or "",
-            list(v.get("tags") or []),
-            # Backfill reads jsonb as text, the stream as parsed JSON: store one canonical form.
-            json.dumps(
-                json.loads(metadata) if isinstance(metadata, str) else metadata or {}, separators=(",", ":")
-            ),
-            v.get("closed_at"),
-            v.get("closed_reason") or "",
-            v.get("expires_at"),
-            v["created_at"],
-            v["updated_at"],
-            v["last_active_at"],
-            self.version,
-            1 if self.deleted else 0,
-        ]
+        """The row's ``sessions_v1`` values, in :data:`COLUMNS` order."""
+        return [column.value(self) for column in SESSIONS_V1_COLUMNS]
 
 
 @dataclass(slots=True)

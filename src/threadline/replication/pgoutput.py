@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from threadline.errors import EngineError
+
 __all__ = [
     "Begin",
     "Change",
@@ -30,8 +32,8 @@ __all__ = [
 ]
 
 
-class DecodeError(Exception):
-    pass
+class DecodeError(EngineError):
+    """Bytes from the slot that are not pgoutput v1 as this decoder knows it."""
 
 
 def parse_lsn(text: str) -> int:

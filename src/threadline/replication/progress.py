@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -18,7 +19,7 @@ import asyncpg
 from threadline.db import Conn
 from threadline.replication import SLOT
 
-__all__ = ["mirror_ready", "replicated_lsn", "wait_for_lsn"]
+__all__ = ["SlotStatus", "mirror_ready", "replicated_lsn", "slot_status", "wait_for_lsn"]
 
 
 async def replicated_lsn(conn: Conn, *, slot: str = SLOT) -> str | None:
@@ -27,6 +28,23 @@ async def replicated_lsn(conn: Conn, *, slot: str = SLOT) -> str | None:
         "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", slot
     )
     return None if value is None else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotStatus:
+    confirmed_lsn: str
+    lag_bytes: int  # WAL between the flush position and what the consumer confirmed
+
+
+async def slot_status(conn: Conn, *, slot: str = SLOT) -> SlotStatus | None:
+    """Where the slot stands, or None if it does not exist (yet)."""
+    row = await conn.fetchrow(
+        """SELECT confirmed_flush_lsn::text AS confirmed,
+                  pg_wal_lsn_diff(pg_current_wal_flush_lsn(), confirmed_flush_lsn)::bigint AS lag_bytes
+           FROM pg_replication_slots WHERE slot_name = $1""",
+        slot,
+    )
+    return None if row is None else SlotStatus(row["confirmed"], row["lag_bytes"])
 
 
 async def mirror_ready(conn: Conn, *, slot: str = SLOT) -> bool:

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from threadline.sessions.listing import (
-    ListQuery,
-    PageWindow,
+from threadline.sessions.fields import (
+    STATUSES,
+    ClickHouseParams,
     SessionFilters,
-    keyset_scan,
-    page_window,
+    filter_conditions,
+    status_counts,
     to_micros,
 )
+from threadline.sessions.listing import ListQuery, PageWindow, keyset_scan, page_window
 from threadline.storage.clickhouse import AsyncClient, clickhouse_errors
 
 __all__ = [
@@ -62,42 +63,13 @@ class SortedId:
     key_us: int
 
 
-def _timestamp(name: str) -> str:
-    return f"fromUnixTimestamp64Micro({{{name}:Int64}}, 'UTC')"
+def _where(environment_id: str, filters: SessionFilters, sql: ClickHouseParams) -> list[str]:
+    """WHERE conditions from the filter definitions in ``sessions.fields``, as Postgres gets them.
 
-
-def _where(environment_id: str, filters: SessionFilters, now: datetime) -> tuple[list[str], dict[str, Any]]:
-    """WHERE conditions mirroring ``repository._filter_sql``, and their parameters."""
-    where = ["environment_id = {env:String}", "_is_deleted = 0"]
-    params: dict[str, Any] = {"env": environment_id}
-    if filters.types:
-        where.append("has({types:Array(String)}, type)")
-        params["types"] = list(filters.types)
-    if filters.tags:
-        where.append("hasAny(tags, {tags:Array(String)})")
-        params["tags"] = list(filters.tags)
-    if filters.task_identifiers:  # '' (unset) never matches: filter values are never empty
-        where.append("has({tasks:Array(String)}, task_identifier)")
-        params["tasks"] = list(filters.task_identifiers)
-    if filters.external_ids:
-        where.append("has({external_ids:Array(String)}, external_id)")
-        params["external_ids"] = list(filters.external_ids)
-    if filters.statuses:
-        now_sql = _timestamp("now_us")
-        params["now_us"] = to_micros(now)
-        conditions = {
-            "CLOSED": "closed_at IS NOT NULL",
-            "EXPIRED": f"(closed_at IS NULL AND expires_at <= {now_sql})",
-            "ACTIVE": f"(closed_at IS NULL AND (expires_at IS NULL OR expires_at > {now_sql}))",
-        }
-        where.append("(" + " OR ".join(conditions[status] for status in filters.statuses) + ")")
-    if filters.created_from is not None:
-        where.append(f"created_at >= {_timestamp('created_from_us')}")
-        params["created_from_us"] = to_micros(filters.created_from)
-    if filters.created_to is not None:
-        where.append(f"created_at <= {_timestamp('created_to_us')}")
-        params["created_to_us"] = to_micros(filters.created_to)
-    return where, params
+    Tags match with ``hasAny``; an unset task_identifier is '' and never matches a filter value.
+    """
+    env = sql.bind("env", "String", environment_id)
+    return [f"environment_id = {env}", "_is_deleted = 0", *filter_conditions(filters, sql)]
 
 
 def list_statement(
@@ -112,45 +84,38 @@ def list_statement(
 
     ``created_from_us`` / ``created_to_us`` narrow the scan to a creation-time window (see
     :func:`list_session_ids`)."""
-    where, params = _where(environment_id, query.filters, now)
+    sql = ClickHouseParams(now)
+    where = _where(environment_id, query.filters, sql)
     if created_from_us is not None:
-        where.append(f"created_at >= {_timestamp('window_from_us')}")
-        params["window_from_us"] = created_from_us
+        where.append(f"created_at >= {sql.timestamp_us('window_from', created_from_us)}")
     if created_to_us is not None:
-        where.append(f"created_at <= {_timestamp('window_to_us')}")
-        params["window_to_us"] = created_to_us
+        where.append(f"created_at <= {sql.timestamp_us('window_to', created_to_us)}")
     column = "created_at" if query.sort == "createdAt" else "last_active_at"
     scan = keyset_scan(query)
     if scan.start is not None:
         # `key >= k AND (key > k OR id > i)` (for ascending) is the tuple comparison written so that
         # the primary key (environment_id, created_at, session_id) can prune on the plain range.
-        key = _timestamp("cursor_key_us")
+        key = sql.timestamp_us("cursor_key", scan.start.key_us)
+        key_id = sql.bind("cursor_id", "String", scan.start.id)
         op = scan.comparison
-        where.append(
-            f"{column} {op}= {key} AND ({column} {op} {key} OR session_id {op} {{cursor_id:String}})"
-        )
-        params["cursor_key_us"] = scan.start.key_us
-        params["cursor_id"] = scan.start.id
-    params["limit"] = scan.limit
-    sql = (
+        where.append(f"{column} {op}= {key} AND ({column} {op} {key} OR session_id {op} {key_id})")
+    limit = sql.bind("limit", "UInt32", scan.limit)
+    return Statement(
         f"SELECT session_id, toUnixTimestamp64Micro({column}) AS key_us FROM {TABLE} FINAL"
         f" WHERE {' AND '.join(where)}"
-        f" ORDER BY {column} {scan.direction}, session_id {scan.direction} LIMIT {{limit:UInt32}}"
+        f" ORDER BY {column} {scan.direction}, session_id {scan.direction} LIMIT {limit}",
+        sql.params,
     )
-    return Statement(sql, params)
 
 
 def count_statement(environment_id: str, filters: SessionFilters, now: datetime) -> Statement:
-    """Total and per-status counts in one pass; ACTIVE is what is neither CLOSED nor EXPIRED."""
-    where, params = _where(environment_id, filters, now)
-    params["count_now_us"] = to_micros(now)
-    now_sql = _timestamp("count_now_us")
-    sql = (
-        "SELECT count() AS total, countIf(closed_at IS NOT NULL) AS closed,"
-        f" countIf(closed_at IS NULL AND expires_at IS NOT NULL AND expires_at <= {now_sql}) AS expired"
-        f" FROM {TABLE} FINAL WHERE {' AND '.join(where)}"
+    """The total and one count per status (columns named after the statuses), in one pass."""
+    sql = ClickHouseParams(now)
+    where = _where(environment_id, filters, sql)
+    counts = ", ".join(status_counts(sql))
+    return Statement(
+        f"SELECT count() AS total, {counts} FROM {TABLE} FINAL WHERE {' AND '.join(where)}", sql.params
     )
-    return Statement(sql, params)
 
 
 async def list_session_ids(
@@ -217,8 +182,5 @@ async def count_sessions(
     statement = count_statement(environment_id, filters, now or datetime.now(UTC))
     with clickhouse_errors("counting sessions"):
         result = await client.query(statement.sql, parameters=statement.parameters)
-        total, closed, expired = (int(value) for value in result.result_rows[0])
-    return {
-        "count": total,
-        "byStatus": {"ACTIVE": total - closed - expired, "CLOSED": closed, "EXPIRED": expired},
-    }
+        total, *by_status = (int(value) for value in result.result_rows[0])
+    return {"count": total, "byStatus": dict(zip(STATUSES, by_status, strict=True))}

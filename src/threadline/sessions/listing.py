@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Generic, Literal, TypeVar
 
-from threadline.errors import ValidationFailed
+from threadline.errors import InvalidCursor, UnknownParameter, ValidationFailed
+from threadline.sessions.fields import FILTER_KEYS, SessionFilters, parse_filters
+from threadline.sessions.fields import single_value as _single
 
 __all__ = [
     "CountQuery",
@@ -42,33 +44,16 @@ __all__ = [
 T = TypeVar("T")
 
 SortField = Literal["createdAt", "lastActiveAt"]
-STATUSES = ("ACTIVE", "CLOSED", "EXPIRED")
-_PERIOD = re.compile(r"^(\d{1,6})([smhdw])$")
-_PERIOD_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
-_FILTER_KEYS = {
-    "filter[type]",
-    "filter[tags]",
-    "filter[taskIdentifier]",
-    "filter[externalId]",
-    "filter[status]",
-    "filter[createdAt][period]",
-    "filter[createdAt][from]",
-    "filter[createdAt][to]",
-}
-_LIST_KEYS = _FILTER_KEYS | {"sort", "page[size]", "page[after]", "page[before]", "minLsn"}
-_COUNT_KEYS = _FILTER_KEYS | {"minLsn"}
+# The filter keys (and SessionFilters, re-exported here) come from sessions.fields.
+_LIST_KEYS = set(FILTER_KEYS) | {"sort", "page[size]", "page[after]", "page[before]", "minLsn"}
+_COUNT_KEYS = set(FILTER_KEYS) | {"minLsn"}
 
 
-@dataclass(frozen=True, slots=True)
-class SessionFilters:
-    types: tuple[str, ...] = ()
-    tags: tuple[str, ...] = ()
-    task_identifiers: tuple[str, ...] = ()
-    external_ids: tuple[str, ...] = ()
-    statuses: tuple[str, ...] = ()
-    created_from: datetime | None = None
-    created_to: datetime | None = None
+# 0001-01-01 to 9999-12-31T23:59:59.999999Z: keys outside cannot be a Python datetime (a
+# Postgres list would fail converting them back).
+_MIN_KEY_US = -62_135_596_800_000_000
+_MAX_KEY_US = 253_402_300_799_999_999
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +72,20 @@ class Cursor:
             padded = token + "=" * (-len(token) % 4)
             data = json.loads(base64.urlsafe_b64decode(padded.encode()))
             cursor = cls(sort=data["s"], key_us=int(data["k"]), id=str(data["i"]))
-        except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
-            raise ValidationFailed(f"{param} is not a valid cursor", code="invalid_cursor") from None
+        except (
+            binascii.Error,
+            ValueError,
+            KeyError,
+            TypeError,
+            UnicodeDecodeError,
+            OverflowError,
+            RecursionError,
+        ):
+            raise InvalidCursor(f"{param} is not a valid cursor") from None
+        if not _MIN_KEY_US <= cursor.key_us <= _MAX_KEY_US:
+            raise InvalidCursor(f"{param} is not a valid cursor")
         if cursor.sort != sort:
-            raise ValidationFailed(
-                f"{param} was made for sort={cursor.sort}, not sort={sort}", code="invalid_cursor"
-            )
+            raise InvalidCursor(f"{param} was made for sort={cursor.sort}, not sort={sort}")
         return cursor
 
 
@@ -181,49 +174,8 @@ def page_window(query: ListQuery, scanned: Sequence[T], key: Callable[[T], tuple
     )
 
 
-def to_micros(value: datetime) -> int:
-    delta = value - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
 def from_micros(value: int) -> datetime:
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=value)
-
-
-def _single(params: Mapping[str, list[str]], key: str) -> str | None:
-    values = params.get(key)
-    if not values:
-        return None
-    if len(values) > 1:
-        raise ValidationFailed(f"{key} was given {len(values)} times; give it once")
-    return values[0]
-
-
-def _csv(params: Mapping[str, list[str]], key: str, *, max_items: int = 100) -> tuple[str, ...]:
-    raw = _single(params, key)
-    if raw is None:
-        return ()
-    items = tuple(dict.fromkeys(item.strip() for item in raw.split(",") if item.strip()))
-    if not items:
-        raise ValidationFailed(f"{key} is empty")
-    if len(items) > max_items:
-        raise ValidationFailed(f"{key} has {len(items)} values; at most {max_items}")
-    return items
-
-
-def _timestamp(params: Mapping[str, list[str]], key: str) -> datetime | None:
-    raw = _single(params, key)
-    if raw is None:
-        return None
-    try:
-        if raw.isdigit():
-            return datetime.fromtimestamp(int(raw) / 1000, UTC)  # epoch milliseconds
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except (ValueError, OverflowError):
-        raise ValidationFailed(f"{key} must be an ISO 8601 timestamp or epoch milliseconds") from None
-    if value.tzinfo is None:
-        raise ValidationFailed(f"{key} must include a timezone (e.g. 2026-01-01T00:00:00Z)")
-    return value
 
 
 def parse_lsn(raw: str | None) -> str | None:
@@ -237,41 +189,10 @@ def parse_lsn(raw: str | None) -> str | None:
 def _check_keys(params: Mapping[str, list[str]], allowed: set[str]) -> None:
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise ValidationFailed(
+        raise UnknownParameter(
             f"unknown query parameter(s): {', '.join(unknown)}",
-            code="unknown_parameter",
             details={"unknown": unknown, "allowed": sorted(allowed)},
         )
-
-
-def _filters(params: Mapping[str, list[str]], now: datetime) -> SessionFilters:
-    statuses = tuple(s.upper() for s in _csv(params, "filter[status]"))
-    bad = [s for s in statuses if s not in STATUSES]
-    if bad:
-        raise ValidationFailed(
-            f"filter[status] values must be among {', '.join(STATUSES)}; got {', '.join(bad)}"
-        )
-    period = _single(params, "filter[createdAt][period]")
-    created_from = _timestamp(params, "filter[createdAt][from]")
-    created_to = _timestamp(params, "filter[createdAt][to]")
-    if period is not None:
-        if created_from is not None or created_to is not None:
-            raise ValidationFailed("filter[createdAt][period] cannot be combined with [from]/[to]")
-        match = _PERIOD.match(period)
-        if match is None:
-            raise ValidationFailed("filter[createdAt][period] must look like 30m, 12h, 7d or 2w")
-        created_from = now - timedelta(seconds=int(match[1]) * _PERIOD_UNITS[match[2]])
-    if created_from is not None and created_to is not None and created_from > created_to:
-        raise ValidationFailed("filter[createdAt][from] is after filter[createdAt][to]")
-    return SessionFilters(
-        types=_csv(params, "filter[type]"),
-        tags=_csv(params, "filter[tags]", max_items=10),
-        task_identifiers=_csv(params, "filter[taskIdentifier]"),
-        external_ids=_csv(params, "filter[externalId]"),
-        statuses=statuses,
-        created_from=created_from,
-        created_to=created_to,
-    )
 
 
 def parse_list_query(params: Mapping[str, list[str]], *, now: datetime | None = None) -> ListQuery:
@@ -286,7 +207,7 @@ def parse_list_query(params: Mapping[str, list[str]], *, now: datetime | None = 
     size_raw = _single(params, "page[size]")
     page_size = 20
     if size_raw is not None:
-        if not size_raw.isdigit() or not 1 <= int(size_raw) <= 100:
+        if not (size_raw.isascii() and size_raw.isdigit()) or not 1 <= int(size_raw) <= 100:
             raise ValidationFailed("page[size] must be an integer from 1 to 100")
         page_size = int(size_raw)
     after_raw = _single(params, "page[after]")
@@ -294,7 +215,7 @@ def parse_list_query(params: Mapping[str, list[str]], *, now: datetime | None = 
     if after_raw is not None and before_raw is not None:
         raise ValidationFailed("page[after] and page[before] cannot be used together")
     return ListQuery(
-        filters=_filters(params, now),
+        filters=parse_filters(params, now),
         sort=sort,
         descending=descending,
         page_size=page_size,
@@ -307,5 +228,5 @@ def parse_list_query(params: Mapping[str, list[str]], *, now: datetime | None = 
 def parse_count_query(params: Mapping[str, list[str]], *, now: datetime | None = None) -> CountQuery:
     _check_keys(params, _COUNT_KEYS)
     return CountQuery(
-        filters=_filters(params, now or datetime.now(UTC)), min_lsn=parse_lsn(_single(params, "minLsn"))
+        filters=parse_filters(params, now or datetime.now(UTC)), min_lsn=parse_lsn(_single(params, "minLsn"))
     )

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
+from threadline.sessions.fields import session_status
 from threadline.streams.offsets import format_offset
 
 __all__ = [
@@ -86,16 +87,6 @@ class CloseSessionBody(_Body):
 class MintTokenBody(_Body):
     expiresInSeconds: int | None = Field(default=None, ge=60)
     scopes: list[Literal["read", "write"]] = Field(default=["read", "write"], min_length=1)
-
-
-def session_status(
-    closed_at: datetime | None, expires_at: datetime | None, now: datetime | None = None
-) -> str:
-    if closed_at is not None:
-        return "CLOSED"
-    if expires_at is not None and expires_at <= (now or datetime.now(UTC)):
-        return "EXPIRED"
-    return "ACTIVE"
 
 
 def _iso(value: datetime | None) -> str | None:

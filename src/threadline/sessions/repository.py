@@ -1,7 +1,8 @@
 """Session rows in Postgres: every query the sessions API runs.
 
-Writes are single statements (data-modifying CTEs) so that a session and its two channel heads
-appear, change and close atomically without holding a transaction open across round trips.
+Create and close run in one transaction with the channel rows (``streams.channels`` writes
+those), so a session and its two channels appear and close atomically; reads join the channel
+heads for their stats.
 """
 
 from __future__ import annotations
@@ -15,19 +16,19 @@ import asyncpg
 
 from threadline.auth.principal import Environment
 from threadline.db import Conn
-from threadline.errors import Conflict, NotFound
+from threadline.errors import ExternalIdConflict, SessionClosed, SessionNotFound
 from threadline.ids import new_id
-from threadline.sessions.listing import (
-    ListQuery,
+from threadline.sessions.fields import (
+    STATUSES,
+    PostgresParams,
     SessionFilters,
-    from_micros,
-    keyset_scan,
-    page_window,
+    filter_conditions,
+    status_counts,
     to_micros,
 )
+from threadline.sessions.listing import ListQuery, from_micros, keyset_scan, page_window
 from threadline.sessions.models import FRIENDLY_ID_PREFIX, ChannelView, CreateSessionBody, SessionView
-from threadline.streams.live import NOTIFY_CHANNEL
-from threadline.streams.names import SESSION_CHANNEL_CONTENT_TYPE
+from threadline.streams import channels
 
 __all__ = [
     "Page",
@@ -36,6 +37,7 @@ __all__ = [
     "create_session",
     "current_lsn",
     "get_session",
+    "get_session_by_id",
     "hydrate_sessions",
     "list_sessions",
     "patch_session",
@@ -98,57 +100,58 @@ async def current_lsn(conn: Conn) -> str:
     return str(await conn.fetchval("SELECT pg_current_wal_flush_lsn()::text"))
 
 
+async def get_session_by_id(conn: Conn, session_id: str) -> SessionView:
+    row = await conn.fetchrow(f"{_SELECT} WHERE s.id = $1", session_id)
+    if row is None:
+        raise SessionNotFound(f"session {session_id!r} not found")
+    return _view(row)
+
+
 async def get_session(conn: Conn, environment_id: str, ref: str) -> SessionView:
     row = await conn.fetchrow(
         f"{_SELECT} WHERE s.environment_id = $1 AND s.{_ref_column(ref)} = $2", environment_id, ref
     )
     if row is None:
-        raise NotFound(f"session {ref!r} not found", code="session_not_found")
+        raise SessionNotFound(f"session {ref!r} not found")
     return _view(row)
 
 
 async def create_session(
     conn: Conn, environment: Environment, body: CreateSessionBody
 ) -> tuple[SessionView, bool]:
-    """Create a session; with an externalId that already exists, return that one instead.
+    """Create a session and its channels; with an externalId that already exists, return that
+    one instead.
 
     Returns ``(session, created)``. ON CONFLICT makes concurrent creates with the same externalId
     agree on one row without a pre-check race.
     """
-    session_id = new_id("session")
-    inserted = await conn.fetchval(
-        """WITH s AS (
-               INSERT INTO sessions (id, environment_id, project_id, organization_id, external_id, type,
+    async with conn.transaction():
+        inserted = await conn.fetchval(
+            """INSERT INTO sessions (id, environment_id, project_id, organization_id, external_id, type,
                                      task_identifier, tags, metadata, expires_at)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                ON CONFLICT (environment_id, external_id) DO NOTHING
-               RETURNING id
-           ), c AS (
-               INSERT INTO streams (environment_id, name, session_id, io, content_type)
-               SELECT $2, 'sessions/' || s.id || '/' || v.io, s.id, v.io, $11
-               FROM s CROSS JOIN (VALUES ('out'), ('in')) AS v (io)
-           )
-           SELECT id FROM s""",
-        session_id,
-        environment.id,
-        environment.project_id,
-        environment.organization_id,
-        body.externalId,
-        body.type,
-        body.taskIdentifier,
-        body.tags,
-        body.metadata,
-        body.expiresAt,
-        SESSION_CHANNEL_CONTENT_TYPE,
-    )
+               RETURNING id""",
+            new_id("session"),
+            environment.id,
+            environment.project_id,
+            environment.organization_id,
+            body.externalId,
+            body.type,
+            body.taskIdentifier,
+            body.tags,
+            body.metadata,
+            body.expiresAt,
+        )
+        if inserted is not None:
+            await channels.create_channels(conn, environment.id, inserted)
     if inserted is not None:
-        return await get_session(conn, environment.id, session_id), True
+        return await get_session(conn, environment.id, inserted), True
     assert body.externalId is not None  # only an externalId can conflict
     existing = await get_session(conn, environment.id, body.externalId)
     if existing.closed_at is not None:
-        raise Conflict(
+        raise SessionClosed(
             f"session with externalId {body.externalId!r} exists and is closed",
-            code="session_closed",
             details={"sessionId": existing.id},
         )
     return existing, False
@@ -167,86 +170,42 @@ async def patch_session(conn: Conn, environment_id: str, ref: str, changes: dict
             *changes.values(),
         )
     except asyncpg.UniqueViolationError:
-        raise Conflict(
+        raise ExternalIdConflict(
             f"another session already has externalId {changes.get('external_id')!r}",
-            code="external_id_conflict",
         ) from None
     if updated is None:
         existing = await get_session(conn, environment_id, ref)  # 404 when missing
-        raise Conflict(f"session {existing.id} is closed", code="session_closed")
+        raise SessionClosed(f"session {existing.id} is closed")
     return await get_session(conn, environment_id, updated)
 
 
-async def close_session(
-    conn: Conn, environment_id: str, ref: str, reason: str | None
-) -> tuple[SessionView, bool]:
+async def close_session(conn: Conn, session_id: str, reason: str | None) -> tuple[SessionView, bool]:
     """Close a session and both channels. Returns ``(session, closed_now)``.
 
-    Concurrent closes serialise on the row lock: the loser's UPDATE re-checks ``closed_at IS NULL``,
-    matches nothing, and returns the winner's close unchanged.
+    Concurrent closes serialise on the channel row locks: the loser's UPDATE re-checks
+    ``closed_at IS NULL``, matches nothing, and returns the winner's close unchanged.
+    ``lastActiveAt`` takes in the channels' last record time, so it is exact once closed.
     """
     async with conn.transaction():
-        # Lock the channels first, in id order, as the group committer does: a close and an
-        # append then serialise on the stream rows, and no append commits after the close.
-        await conn.execute(
-            f"""SELECT st.id FROM streams st JOIN sessions s ON s.id = st.session_id
-                WHERE s.environment_id = $1 AND s.{_ref_column(ref)} = $2
-                ORDER BY st.id FOR UPDATE OF st""",
-            environment_id,
-            ref,
-        )
-        closed = await conn.fetchval(
-            f"""WITH s AS (
-                    UPDATE sessions SET closed_at = now(), closed_reason = $3, updated_at = now(),
-                        last_active_at = greatest(last_active_at, (
-                            SELECT max(st.last_record_at) FROM streams st WHERE st.session_id = sessions.id))
-                    WHERE environment_id = $1 AND {_ref_column(ref)} = $2 AND closed_at IS NULL
-                    RETURNING id, closed_at
-                ), c AS (
-                    UPDATE streams SET closed_at = s.closed_at FROM s
-                    WHERE streams.session_id = s.id AND streams.closed_at IS NULL
-                    RETURNING streams.id, streams.next_offset
-                )
-                SELECT s.id, (SELECT pg_notify('{NOTIFY_CHANNEL}', string_agg(c.id || ',' || c.next_offset || ',1', ';'))
-                              FROM c)
-                FROM s""",
-            environment_id,
-            ref,
+        locked = await channels.lock_channels(conn, session_id)
+        closed_at = await conn.fetchval(
+            """UPDATE sessions SET closed_at = now(), closed_reason = $2, updated_at = now(),
+                   last_active_at = greatest(last_active_at, $3::timestamptz)
+               WHERE id = $1 AND closed_at IS NULL
+               RETURNING closed_at""",
+            session_id,
             reason,
+            locked.last_record_at,
         )
-    session = await get_session(conn, environment_id, closed or ref)
-    return session, closed is not None
+        if closed_at is not None:
+            await channels.close_channels(conn, locked, closed_at)
+    session = await get_session_by_id(conn, session_id)
+    return session, closed_at is not None
 
 
-def _filter_sql(environment_id: str, filters: SessionFilters, now: datetime, args: list[Any]) -> list[str]:
-    def arg(value: Any) -> str:
-        args.append(value)
-        return f"${len(args)}"
-
-    where = [f"s.environment_id = {arg(environment_id)}"]
-    if filters.types:
-        where.append(f"s.type = ANY({arg(list(filters.types))}::text[])")
-    if filters.tags:
-        where.append(f"s.tags && {arg(list(filters.tags))}::text[]")
-    if filters.task_identifiers:
-        where.append(f"s.task_identifier = ANY({arg(list(filters.task_identifiers))}::text[])")
-    if filters.external_ids:
-        where.append(f"s.external_id = ANY({arg(list(filters.external_ids))}::text[])")
-    if filters.statuses:
-        # Only bind `now` when a condition uses it: an unused parameter has no type and
-        # Postgres refuses the statement (filter[status]=CLOSED alone).
-        now_arg = arg(now) if {"ACTIVE", "EXPIRED"} & set(filters.statuses) else ""
-        conditions = {
-            "CLOSED": "s.closed_at IS NOT NULL",
-            "EXPIRED": f"(s.closed_at IS NULL AND s.expires_at <= {now_arg})",
-            "ACTIVE": f"(s.closed_at IS NULL AND (s.expires_at IS NULL OR s.expires_at > {now_arg}))",
-        }
-        where.append("(" + " OR ".join(conditions[status] for status in filters.statuses) + ")")
-    if filters.created_from is not None:
-        where.append(f"s.created_at >= {arg(filters.created_from)}")
-    if filters.created_to is not None:
-        where.append(f"s.created_at <= {arg(filters.created_to)}")
-    return where
+def _filter_sql(environment_id: str, filters: SessionFilters, sql: PostgresParams) -> list[str]:
+    """The WHERE conditions of a list or count, from the filter definitions in ``sessions.fields``."""
+    return [f"s.environment_id = {sql.bind(environment_id)}", *filter_conditions(filters, sql)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,19 +219,18 @@ async def list_sessions(
     conn: Conn, environment_id: str, query: ListQuery, *, now: datetime | None = None
 ) -> Page:
     """Keyset pagination on ``(sort key, id)``: stable under concurrent inserts, O(page) at any depth."""
-    now = now or datetime.now(UTC)
-    args: list[Any] = []
-    where = _filter_sql(environment_id, query.filters, now, args)
+    sql = PostgresParams(now or datetime.now(UTC))
+    where = _filter_sql(environment_id, query.filters, sql)
     sort_column = "created_at" if query.sort == "createdAt" else "last_active_at"
     scan = keyset_scan(query)
     if scan.start is not None:
-        args.extend([from_micros(scan.start.key_us), scan.start.id])
-        where.append(f"(s.{sort_column}, s.id) {scan.comparison} (${len(args) - 1}, ${len(args)})")
-    args.append(scan.limit)
+        key, key_id = sql.bind(from_micros(scan.start.key_us)), sql.bind(scan.start.id)
+        where.append(f"(s.{sort_column}, s.id) {scan.comparison} ({key}, {key_id})")
+    limit = sql.bind(scan.limit)
     rows = await conn.fetch(
         f"""{_SELECT} WHERE {" AND ".join(where)}
-            ORDER BY s.{sort_column} {scan.direction}, s.id {scan.direction} LIMIT ${len(args)}""",
-        *args,
+            ORDER BY s.{sort_column} {scan.direction}, s.id {scan.direction} LIMIT {limit}""",
+        *sql.args,
     )
     window = page_window(query, rows, key=lambda row: (to_micros(row[sort_column]), row["id"]))
     return Page([_view(row) for row in window.items], window.next, window.previous)
@@ -297,21 +255,12 @@ async def hydrate_sessions(conn: Conn, environment_id: str, ids: Sequence[str]) 
 async def count_sessions(
     conn: Conn, environment_id: str, filters: SessionFilters, *, now: datetime | None = None
 ) -> dict[str, Any]:
-    now = now or datetime.now(UTC)
-    args: list[Any] = []
-    where = _filter_sql(environment_id, filters, now, args)
-    args.append(now)
-    now_arg = f"${len(args)}"
+    """``{count, byStatus}``: the total and one count per status, in one pass."""
+    sql = PostgresParams(now or datetime.now(UTC))
+    where = _filter_sql(environment_id, filters, sql)
+    counts = ", ".join(status_counts(sql))
     row = await conn.fetchrow(
-        f"""SELECT count(*) AS total,
-                   count(*) FILTER (WHERE s.closed_at IS NOT NULL) AS closed,
-                   count(*) FILTER (WHERE s.closed_at IS NULL AND s.expires_at <= {now_arg}) AS expired
-            FROM sessions s WHERE {" AND ".join(where)}""",
-        *args,
+        f"SELECT count(*) AS total, {counts} FROM sessions s WHERE {' AND '.join(where)}", *sql.args
     )
     assert row is not None
-    total, closed, expired = row["total"], row["closed"], row["expired"]
-    return {
-        "count": total,
-        "byStatus": {"ACTIVE": total - closed - expired, "CLOSED": closed, "EXPIRED": expired},
-    }
+    return {"count": row["total"], "byStatus": {status: row[status.lower()] for status in STATUSES}}

@@ -21,6 +21,8 @@ import clickhouse_connect
 from clickhouse_connect.driver import exceptions as ch_exceptions
 from clickhouse_connect.driver.asyncclient import AsyncClient
 
+from threadline.errors import DependencyRefused, DependencyUnavailable
+
 __all__ = [
     "DEFAULT_DATABASE",
     "AsyncClient",
@@ -41,11 +43,11 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _STATEMENT_END = re.compile(r";[ \t]*$", re.MULTILINE)
 
 
-class ClickHouseUnavailable(Exception):
+class ClickHouseUnavailable(DependencyUnavailable):
     """ClickHouse could not be reached (refused, timed out, overloaded)."""
 
 
-class ClickHouseError(Exception):
+class ClickHouseError(DependencyRefused):
     """ClickHouse answered with an error; ``code`` is its exception code when it sent one."""
 
     def __init__(self, message: str, *, code: int | None = None) -> None:
@@ -125,6 +127,7 @@ async def _client(target: ClickHouseTarget, database: str | None, connect_timeou
 
 async def connect_clickhouse(url: str, *, connect_timeout: float = 5.0) -> AsyncClient:
     """Create the database if it is missing, then return an async client bound to it."""
+    await asyncio.to_thread(_import_optional_modules)
     target = parse_clickhouse_url(url)
     with clickhouse_errors(f"connecting to {target.host}:{target.port}"):
         # Connect without the database first: binding to a missing one fails at connect time.
@@ -134,6 +137,16 @@ async def connect_clickhouse(url: str, *, connect_timeout: float = 5.0) -> Async
         finally:
             await admin.close()
         return await _client(target, target.database, connect_timeout)
+
+
+def _import_optional_modules() -> None:
+    """clickhouse-connect imports numpy and pandas (when installed, e.g. with chDB) on first use,
+    from inside whatever call needs them: on the event loop, that import blocks it for hundreds of
+    milliseconds (pandas reads time zone files). Resolve them here, in a thread, once."""
+    from clickhouse_connect.driver import options
+
+    for name in ("np", "pd"):
+        getattr(options, name, None)
 
 
 def split_statements(sql: str) -> list[str]:

@@ -18,12 +18,13 @@ from obstore.exceptions import NotFoundError
 from obstore.store import S3Store
 
 from threadline.config import Settings
+from threadline.errors import DependencyUnavailable
 
 __all__ = ["ObjectInfo", "ObjectStore", "ObjectStoreUnavailable"]
 
 
-class ObjectStoreUnavailable(Exception):
-    pass
+class ObjectStoreUnavailable(DependencyUnavailable):
+    """S3 did not answer, or not in time."""
 
 
 class ObjectInfo:

@@ -25,21 +25,30 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 from prometheus_client import Counter, Histogram
 
-from threadline.errors import ApiError, Conflict, NotFound, ServiceUnavailable
+from threadline.errors import (
+    ApiError,
+    DatabaseUnavailable,
+    SessionExpired,
+    ShuttingDown,
+    StorageUnavailable,
+    StreamGone,
+    StreamNotFound,
+    StreamSeqConflict,
+)
 from threadline.storage.objects import ObjectStore, ObjectStoreUnavailable
-from threadline.streams.activity import SessionActivity
 from threadline.streams.cache import ChunkCache, ChunkKey
-from threadline.streams.errors import StreamGone, check_content_type, stream_closed
-from threadline.streams.live import ChunkRef, LiveHub, TailChange, encode_notifications
+from threadline.streams.errors import check_content_type, stream_closed
+from threadline.streams.live import LiveHub
 from threadline.streams.producers import Producer, ProducerState, decide
 from threadline.streams.records import encode_blob
+from threadline.streams.wire import NOTIFY_CHANNEL, ChunkRef, TailChange, encode_notifications
 
-__all__ = ["AppendOutcome", "AppendRequest", "GroupCommitter"]
+__all__ = ["ActivitySink", "AppendOutcome", "AppendRequest", "GroupCommitter"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +61,13 @@ _STATEMENT_TIMEOUT = 20.0
 
 class _Stalled(Exception):
     pass
+
+
+class ActivitySink(Protocol):
+    """Told which sessions' channels took records in a commit (``lastActiveAt`` is the sessions
+    package's business; streams only report it)."""
+
+    def touch(self, session_id: str) -> None: ...
 
 
 FLUSHES = Counter("threadline_stream_flushes_total", "Group commits (one object PUT + one transaction each)")
@@ -127,7 +143,7 @@ class GroupCommitter:
         objects: ObjectStore,
         live: LiveHub,
         cache: ChunkCache,
-        activity: SessionActivity,
+        activity: ActivitySink,
         *,
         max_flush_bytes: int = 16 * 1024 * 1024,
         max_inflight: int = 2,
@@ -152,7 +168,7 @@ class GroupCommitter:
         is decided like any other, so the outcome never depends on when a client hung up.
         """
         if self._closing:
-            raise ServiceUnavailable("server is shutting down", code="shutting_down")
+            raise ShuttingDown("server is shutting down")
         future: asyncio.Future[AppendOutcome] = asyncio.get_running_loop().create_future()
         size = sum(len(record) for record in request.records)
         self._queue.append(_Pending(request, future, size))
@@ -183,9 +199,7 @@ class GroupCommitter:
             await asyncio.sleep(0.01)
         for pending in self._queue:
             if not pending.future.done():
-                pending.future.set_exception(
-                    ServiceUnavailable("server is shutting down", code="shutting_down")
-                )
+                pending.future.set_exception(ShuttingDown("server is shutting down"))
 
     def _take(self) -> list[_Pending]:
         taken = 0
@@ -213,7 +227,7 @@ class GroupCommitter:
                     FLUSH_FAILURES.labels("object_put").inc()
                     self._fail(
                         batch,
-                        ServiceUnavailable(f"object storage unavailable: {exc}", code="storage_unavailable"),
+                        StorageUnavailable(f"object storage unavailable: {exc}"),
                     )
                     return
             put_done = time.perf_counter()
@@ -225,14 +239,12 @@ class GroupCommitter:
                     changes = await self._commit(batch, key, body, put_done)
                 except _Stalled:
                     FLUSH_FAILURES.labels("stalled").inc()
-                    self._fail(
-                        batch, ServiceUnavailable("commit stalled; retry", code="database_unavailable")
-                    )
+                    self._fail(batch, DatabaseUnavailable("commit stalled; retry"))
                     return
                 except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     FLUSH_FAILURES.labels("postgres").inc()
                     logger.warning("group commit failed", extra={"error": str(exc), "appends": len(batch)})
-                    self._fail(batch, ServiceUnavailable("database unavailable", code="database_unavailable"))
+                    self._fail(batch, DatabaseUnavailable("database unavailable"))
                     return
                 # The appenders were acknowledged in _commit; their responses are scheduled
                 # ahead of the subscribers woken here.
@@ -377,7 +389,7 @@ class GroupCommitter:
     ) -> AppendOutcome:
         request = pending.request
         if head is None or head.expired:
-            raise NotFound("stream not found", code="stream_not_found")
+            raise StreamNotFound("stream not found")
         if head.deleted:
             raise StreamGone()
         producer = request.producer
@@ -398,14 +410,13 @@ class GroupCommitter:
                 return AppendOutcome(head.next_offset, head.next_offset, 0, closed=True)
             raise stream_closed(head.next_offset)
         if head.session_expired:
-            raise Conflict("the session has expired; its channels take no appends", code="session_expired")
+            raise SessionExpired("the session has expired; its channels take no appends")
         if request.records and request.content_type is not None:
             check_content_type(request.content_type, head.content_type)
         if request.stream_seq is not None:
             if head.last_stream_seq is not None and request.stream_seq <= head.last_stream_seq:
-                raise Conflict(
+                raise StreamSeqConflict(
                     f"Stream-Seq {request.stream_seq!r} is not after {head.last_stream_seq!r}",
-                    code="stream_seq_conflict",
                 )
             head.last_stream_seq = request.stream_seq
             head.stream_seq_changed = True
@@ -507,7 +518,7 @@ class GroupCommitter:
                    SET epoch = excluded.epoch, last_seq = excluded.last_seq,
                        last_next_offset = excluded.last_next_offset, updated_at = now()
                )
-               SELECT pg_notify('threadline_streams', p) FROM unnest($19::text[]) AS p""",
+               SELECT pg_notify($20, p) FROM unnest($19::text[]) AS p""",
             key,
             size,
             [stream_id for stream_id, _ in chunk_rows],
@@ -527,5 +538,6 @@ class GroupCommitter:
             [state.last_seq for _, state in producer_items],
             [state.last_next_offset for _, state in producer_items],
             encode_notifications(changes),
+            NOTIFY_CHANNEL,
             timeout=_STATEMENT_TIMEOUT,
         )

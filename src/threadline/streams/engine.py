@@ -1,7 +1,8 @@
-"""The stream engine one server instance runs: committer, reader, live hub, activity, compactor.
+"""The stream engine one server instance runs: committer, reader, live hub, maintenance.
 
-The API reaches streams only through this object, so the background tasks' lifetimes are in one
-place (``start`` in the app's lifespan, ``stop`` on shutdown after in-flight appends drained).
+It owns the background tasks' lifetimes (``start`` in the app's lifespan, ``stop`` on shutdown
+after in-flight appends drained) and exposes one thing to the API: :attr:`StreamEngine.service`,
+the :class:`~threadline.streams.service.StreamService` every route uses.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import asyncpg
 
 from threadline.config import Settings
 from threadline.storage.objects import ObjectStore
-from threadline.streams.activity import SessionActivity
 from threadline.streams.cache import ChunkCache
-from threadline.streams.committer import GroupCommitter
+from threadline.streams.committer import ActivitySink, GroupCommitter
 from threadline.streams.live import LiveHub
 from threadline.streams.maintenance import Maintenance
 from threadline.streams.reader import StreamReader
+from threadline.streams.service import StreamService
 from threadline.streams.targets import AppendTargets
 
 __all__ = ["StreamEngine"]
@@ -29,31 +30,32 @@ _APPEND_TARGETS = 20_000
 
 
 class StreamEngine:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool[Any], objects: ObjectStore) -> None:
+    def __init__(
+        self, settings: Settings, pool: asyncpg.Pool[Any], objects: ObjectStore, activity: ActivitySink
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.objects = objects
         self.cache = ChunkCache(settings.chunk_cache_bytes)
         self.live = LiveHub(settings.database_url)
         self.targets = AppendTargets(_APPEND_TARGETS)
-        self.activity = SessionActivity(pool)
         self.committer = GroupCommitter(
             pool,
             objects,
             self.live,
             self.cache,
-            self.activity,
+            activity,
             max_inflight=settings.commit_concurrency,
         )
         self.reader = StreamReader(pool, objects, self.cache, max_read_bytes=settings.max_read_bytes)
         self.maintenance = Maintenance(settings, pool, objects)
+        self.service = StreamService(pool, self.committer, self.reader, self.live, self.targets)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self.committer.run(), name="threadline-committer"),
             asyncio.create_task(self.live.run(), name="threadline-live"),
-            asyncio.create_task(self.activity.run(), name="threadline-activity"),
             asyncio.create_task(self.maintenance.run(), name="threadline-maintenance"),
         ]
         # Live readers registered before the listener is up would miss other instances'
@@ -62,7 +64,6 @@ class StreamEngine:
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
         await self.committer.drain(grace_seconds)
-        await self.activity.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -13,8 +13,18 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from threadline.db import Conn
-from threadline.errors import Conflict, NotFound, ValidationFailed
-from threadline.streams.errors import StreamGone
+from threadline.errors import (
+    ContentTypeMismatch,
+    ForkSourceDeleted,
+    ForkSourceNotFound,
+    InvalidForkOffset,
+    OffsetOutOfRange,
+    OffsetTrimmed,
+    StreamDeleted,
+    StreamExists,
+    StreamGone,
+    StreamNotFound,
+)
 from threadline.streams.names import DEFAULT_CONTENT_TYPE, media_type
 from threadline.streams.offsets import Position, read_start
 
@@ -96,7 +106,7 @@ class StreamHead:
     def check_readable(self, offset: int) -> None:
         """Reads below the trim point are the protocol's "gone" (410)."""
         if offset < self.trim_offset:
-            raise StreamGone(f"records before offset {self.trim_offset} were trimmed", code="offset_trimmed")
+            raise OffsetTrimmed(f"records before offset {self.trim_offset} were trimmed")
 
     def read_start(self, position: Position) -> int:
         """Where a read from ``position`` starts: 400 past the tail, 410 below the trim point."""
@@ -155,7 +165,7 @@ async def load_head(conn: Conn, environment_id: str, name: str) -> StreamHead:
     """The readable/writable stream ``name``: 404 if missing or expired, 410 if soft-deleted."""
     head = await find_head(conn, environment_id, name)
     if head is None or head.expired():
-        raise NotFound(f"stream {name!r} not found", code="stream_not_found")
+        raise StreamNotFound(f"stream {name!r} not found")
     if head.deleted:
         raise StreamGone(f"stream {name!r} was deleted")
     return head
@@ -164,7 +174,7 @@ async def load_head(conn: Conn, environment_id: str, name: str) -> StreamHead:
 async def load_head_by_id(conn: Conn, stream_id: int) -> StreamHead:
     rows = await conn.fetch(_HEAD_SQL.format(where="s.id = $1"), stream_id)
     if not rows:
-        raise NotFound("stream not found", code="stream_not_found")
+        raise StreamNotFound("stream not found")
     return _head(rows)
 
 
@@ -228,19 +238,15 @@ async def create_stream(
         if settings.fork_source is not None:
             source = await find_head(conn, environment_id, settings.fork_source)
             if source is None or source.expired():
-                raise NotFound(
-                    f"fork source {settings.fork_source!r} not found", code="fork_source_not_found"
-                )
+                raise ForkSourceNotFound(f"fork source {settings.fork_source!r} not found")
             if source.deleted:
-                raise Conflict(
-                    f"fork source {settings.fork_source!r} was deleted", code="fork_source_deleted"
-                )
+                raise ForkSourceDeleted(f"fork source {settings.fork_source!r} was deleted")
         if existing is not None and existing.deleted:
-            raise Conflict(f"stream {name!r} was deleted and forks still read from it", code="stream_deleted")
+            raise StreamDeleted(f"stream {name!r} was deleted and forks still read from it")
         if existing is not None and not existing.expired():
             if _same_settings(existing, settings, source):
                 return Created(existing, False)
-            raise Conflict(f"stream {name!r} exists with different settings", code="stream_exists")
+            raise StreamExists(f"stream {name!r} exists with different settings")
         if existing is not None:
             await retire(conn, existing)
         content_type = settings.content_type
@@ -251,34 +257,29 @@ async def create_stream(
             if content_type is None:
                 content_type = source.content_type
             elif media_type(content_type) != media_type(source.content_type):
-                raise Conflict("a fork's content type must be its source's", code="content_type_mismatch")
+                raise ContentTypeMismatch("a fork's content type must be its source's")
             if ttl_seconds is None and expires_at is None:
                 ttl_seconds, expires_at = source.ttl_seconds, source.expires_at
             fork_offset = source.next_offset if settings.fork_offset is None else settings.fork_offset
             if fork_offset < source.trim_offset or fork_offset > source.next_offset:
-                raise ValidationFailed(
-                    "Stream-Fork-Offset is not within the source stream", code="invalid_fork_offset"
-                )
+                raise InvalidForkOffset("Stream-Fork-Offset is not within the source stream")
             if settings.fork_sub_offset:
                 if fork_offset >= source.next_offset:
-                    raise ValidationFailed(
+                    raise InvalidForkOffset(
                         "Stream-Fork-Sub-Offset needs a record at Stream-Fork-Offset",
-                        code="invalid_fork_offset",
                     )
                 record, blob_start, blob_count = await read_record(source, fork_offset)
                 if media_type(content_type) == "application/json":
                     # JSON: the sub-offset counts messages of the append that starts at the offset.
                     if blob_start != fork_offset or settings.fork_sub_offset > blob_count:
-                        raise ValidationFailed(
+                        raise InvalidForkOffset(
                             "Stream-Fork-Sub-Offset is beyond the messages of that append",
-                            code="invalid_fork_offset",
                         )
                     fork_offset += settings.fork_sub_offset
                 else:
                     if settings.fork_sub_offset > len(record):
-                        raise ValidationFailed(
+                        raise InvalidForkOffset(
                             "Stream-Fork-Sub-Offset is beyond the end of that record",
-                            code="invalid_fork_offset",
                         )
                     prefix = record[: settings.fork_sub_offset]
         if content_type is None:
@@ -367,9 +368,7 @@ async def trim_stream(conn: Conn, head: StreamHead, before: int) -> tuple[int, i
             before,
         )
         if row is None:
-            raise ValidationFailed(
-                "the trim point is beyond the end of the stream", code="offset_out_of_range"
-            )
+            raise OffsetOutOfRange("the trim point is beyond the end of the stream")
         # A fork reads every offset below its fork point from here: keep those chunks.
         kept_for_forks = await conn.fetchval(
             "SELECT coalesce(max(fork_offset), 0) FROM streams WHERE fork_source_id = $1", head.id

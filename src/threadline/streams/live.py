@@ -18,72 +18,27 @@ import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import asyncpg
 
-__all__ = ["NOTIFY_CHANNEL", "ChunkRef", "LiveHub", "StreamTail", "encode_notifications"]
+from threadline.streams.wire import NOTIFY_CHANNEL, ChunkRef, TailChange, decode_notification
+
+if TYPE_CHECKING:
+    from threadline.streams.reader import ReadResult
+
+__all__ = ["FrameKey", "LiveHub", "StreamTail"]
 
 logger = logging.getLogger(__name__)
 
-NOTIFY_CHANNEL = "threadline_streams"
-# Postgres refuses NOTIFY payloads of 8,000 bytes or more.
-_MAX_PAYLOAD = 7900
 _RECENT_CHUNKS = 256
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkRef:
-    """Records ``[start, end)`` of a stream are ``byte_length`` bytes at ``byte_start`` of an object."""
+class FrameKey(NamedTuple):
+    """Which encoded bytes: an encoding (e.g. ``ds-sse:json:<cursor>``) of the records from ``offset``."""
 
-    start: int
-    end: int
-    object_key: str
-    byte_start: int
-    byte_length: int
-
-
-@dataclass(frozen=True, slots=True)
-class TailChange:
-    stream_id: int
-    next_offset: int
-    closed: bool
-    chunk: ChunkRef | None  # None: the change is a close, or its place is unknown
-
-    def encode(self) -> str:
-        if self.chunk is None:
-            return f"{self.stream_id},{self.next_offset},{int(self.closed)}"
-        c = self.chunk
-        return (
-            f"{self.stream_id},{self.next_offset},{int(self.closed)},"
-            f"{c.start},{c.object_key},{c.byte_start},{c.byte_length}"
-        )
-
-    @classmethod
-    def decode(cls, text: str) -> TailChange:
-        parts = text.split(",")
-        stream_id, next_offset, closed = int(parts[0]), int(parts[1]), parts[2] == "1"
-        chunk = None
-        if len(parts) == 7:
-            chunk = ChunkRef(int(parts[3]), next_offset, parts[4], int(parts[5]), int(parts[6]))
-        return cls(stream_id, next_offset, closed, chunk)
-
-
-def encode_notifications(changes: Sequence[TailChange]) -> list[str]:
-    """NOTIFY payloads (each under Postgres' limit) for ``changes``, in order."""
-    payloads: list[str] = []
-    current: list[str] = []
-    size = 0
-    for change in changes:
-        text = change.encode()
-        if current and size + len(text) + 1 > _MAX_PAYLOAD:
-            payloads.append(";".join(current))
-            current, size = [], 0
-        current.append(text)
-        size += len(text) + 1
-    if current:
-        payloads.append(";".join(current))
-    return payloads
+    encoding: str
+    offset: int
 
 
 @dataclass(eq=False, slots=True)
@@ -99,9 +54,11 @@ class StreamTail:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     # Bumped on every move; what readers built for one version is void at the next.
     version: int = 0
-    # What one reader built from the tail at this version (an SSE frame for an offset), for the
-    # other readers at the same place: see api.sse.shared. Cleared when the tail moves.
-    shared: dict[object, object] = field(default_factory=dict)
+    # What one live reader read and encoded at this version, for the others at the same place:
+    # a thousand subscribers woken by one commit read and encode its records once (see
+    # StreamService.follow). Cleared when the tail moves.
+    reads: dict[int, ReadResult] = field(default_factory=dict)
+    frames: dict[FrameKey, bytes] = field(default_factory=dict)
 
     def apply(self, change: TailChange) -> bool:
         """Fold a change in; True when it moved the tail or closed the stream."""
@@ -125,7 +82,8 @@ class StreamTail:
 
     def _wake(self) -> None:
         self.version += 1
-        self.shared.clear()
+        self.reads.clear()
+        self.frames.clear()
         event, self.changed = self.changed, asyncio.Event()
         event.set()
 
@@ -209,8 +167,8 @@ class LiveHub:
         self.notifications += 1
         assert isinstance(payload, str)
         try:
-            changes = [TailChange.decode(part) for part in payload.split(";") if part]
-        except (ValueError, IndexError):
+            changes = decode_notification(payload)
+        except ValueError:
             logger.warning("ignoring malformed stream notification", extra={"payload": payload[:200]})
             return
         if self._committing:

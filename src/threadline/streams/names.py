@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from threadline.errors import ValidationFailed
+from threadline.errors import InvalidStreamName
 
 __all__ = [
     "DEFAULT_CONTENT_TYPE",
@@ -29,19 +29,16 @@ SESSION_CHANNEL_CONTENT_TYPE = "application/json"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 MAX_NAME_LENGTH = 1024
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]+$")
+_SEGMENT = re.compile(r"[A-Za-z0-9._~:@!$&'()*+,;=-]+")  # whole segment (fullmatch): no trailing newline
 
 
 def validate_name(name: str) -> str:
     if not name or len(name) > MAX_NAME_LENGTH:
-        raise ValidationFailed(
-            f"stream name must be 1-{MAX_NAME_LENGTH} characters", code="invalid_stream_name"
-        )
+        raise InvalidStreamName(f"stream name must be 1-{MAX_NAME_LENGTH} characters")
     for segment in name.split("/"):
-        if segment in ("", ".", "..") or not _SEGMENT.match(segment):
-            raise ValidationFailed(
+        if segment in ("", ".", "..") or not _SEGMENT.fullmatch(segment):
+            raise InvalidStreamName(
                 "stream name segments must be non-empty and use URL-safe characters",
-                code="invalid_stream_name",
             )
     return name
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from threadline.errors import ValidationFailed
+from threadline.errors import InvalidOffset, OffsetOutOfRange
 
 __all__ = ["NOW", "START", "Position", "format_offset", "parse_offset", "read_start"]
 
 START = "-1"
 NOW = "now"
-_OFFSET = re.compile(r"^(\d{16})_(\d{16})$")
+_OFFSET = re.compile(r"([0-9]{16})_([0-9]{16})")  # ASCII digits only, whole string (fullmatch)
 
 # "start": the first record still kept (offset 0 unless the stream was trimmed); "now": the tail.
 Position = int | Literal["start", "now"]
@@ -34,13 +34,11 @@ def parse_offset(text: str, *, name: str = "offset") -> Position:
         return "start"
     if text == NOW:
         return "now"
-    match = _OFFSET.match(text)
+    match = _OFFSET.fullmatch(text)
     if match is None:
-        raise ValidationFailed(
-            f"{name} must be -1, now, or an offset returned by this server", code="invalid_offset"
-        )
+        raise InvalidOffset(f"{name} must be -1, now, or an offset returned by this server")
     if int(match.group(1)) != 0:
-        raise ValidationFailed(f"{name} is beyond the end of the stream", code="offset_out_of_range")
+        raise OffsetOutOfRange(f"{name} is beyond the end of the stream")
     return int(match.group(2))
 
 
@@ -52,5 +50,5 @@ def read_start(position: Position, *, trim_offset: int, next_offset: int) -> int
     if position == "now":
         return next_offset
     if position > next_offset:
-        raise ValidationFailed("offset is beyond the end of the stream", code="offset_out_of_range")
+        raise OffsetOutOfRange("offset is beyond the end of the stream")
     return position

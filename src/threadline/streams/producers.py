@@ -11,7 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from threadline.errors import Conflict, Forbidden, ValidationFailed
+from threadline.errors import (
+    ProducerEpochSeq,
+    ProducerFenced,
+    ProducerSeqGap,
+)
 
 __all__ = ["Producer", "ProducerState", "decide"]
 
@@ -38,28 +42,24 @@ def decide(state: ProducerState | None, producer: Producer) -> Decision:
     if state is None or producer.epoch > state.epoch:
         if producer.seq != 0:
             if state is None:
-                raise Conflict(
+                raise ProducerSeqGap(
                     f"producer {producer.id!r} is new here: its first Producer-Seq must be 0",
-                    code="producer_seq_gap",
                     headers={"Producer-Expected-Seq": "0", "Producer-Received-Seq": str(producer.seq)},
                 )
-            raise ValidationFailed(
+            raise ProducerEpochSeq(
                 f"a new Producer-Epoch must start at Producer-Seq 0, got {producer.seq}",
-                code="producer_epoch_seq",
             )
         return "accept"
     if producer.epoch < state.epoch:
-        raise Forbidden(
+        raise ProducerFenced(
             f"Producer-Epoch {producer.epoch} is stale; the current epoch is {state.epoch}",
-            code="producer_fenced",
             headers={"Producer-Epoch": str(state.epoch)},
         )
     if producer.seq <= state.last_seq:
         return "duplicate"
     if producer.seq > state.last_seq + 1:
-        raise Conflict(
+        raise ProducerSeqGap(
             f"Producer-Seq {producer.seq} skips ahead; expected {state.last_seq + 1}",
-            code="producer_seq_gap",
             headers={
                 "Producer-Expected-Seq": str(state.last_seq + 1),
                 "Producer-Received-Seq": str(producer.seq),

@@ -16,8 +16,9 @@ import asyncpg
 from threadline.storage.objects import ObjectStore, ObjectStoreUnavailable
 from threadline.streams.cache import ChunkCache, ChunkKey
 from threadline.streams.heads import StreamHead
-from threadline.streams.live import ChunkRef, StreamTail
+from threadline.streams.live import StreamTail
 from threadline.streams.records import blob_at, iter_records
+from threadline.streams.wire import ChunkRef
 
 __all__ = ["ReadResult", "StreamReader"]
 

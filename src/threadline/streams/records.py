@@ -16,7 +16,12 @@ from collections.abc import Iterator, Sequence
 
 import orjson
 
-from threadline.errors import PayloadTooLarge, ValidationFailed
+from threadline.errors import (
+    BatchTooLarge,
+    EmptyAppend,
+    InvalidJson,
+    RecordTooLarge,
+)
 
 __all__ = [
     "MAX_BATCH_BYTES",
@@ -98,19 +103,16 @@ def blob_at(data: bytes | memoryview, first_offset: int, offset: int) -> tuple[b
 def check_batch(records: Sequence[bytes]) -> None:
     """Per-request limits (SPEC §4): 1 MiB a record, 1,000 records and 4 MiB a batch."""
     if len(records) > MAX_BATCH_RECORDS:
-        raise PayloadTooLarge(
+        raise BatchTooLarge(
             f"an append carries at most {MAX_BATCH_RECORDS} records, got {len(records)}",
-            code="batch_too_large",
         )
     total = 0
     for record in records:
         if len(record) > MAX_RECORD_BYTES:
-            raise PayloadTooLarge(
-                f"a record is at most {MAX_RECORD_BYTES} bytes, got {len(record)}", code="record_too_large"
-            )
+            raise RecordTooLarge(f"a record is at most {MAX_RECORD_BYTES} bytes, got {len(record)}")
         total += len(record)
     if total > MAX_BATCH_BYTES:
-        raise PayloadTooLarge(f"an append carries at most {MAX_BATCH_BYTES} bytes", code="batch_too_large")
+        raise BatchTooLarge(f"an append carries at most {MAX_BATCH_BYTES} bytes")
 
 
 def split_json(body: bytes, *, allow_empty_array: bool) -> list[bytes]:
@@ -118,10 +120,10 @@ def split_json(body: bytes, *, allow_empty_array: bool) -> list[bytes]:
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ValidationFailed(f"body is not valid JSON: {exc}", code="invalid_json") from None
+        raise InvalidJson(f"body is not valid JSON: {exc}") from None
     if isinstance(value, list):
         if not value and not allow_empty_array:
-            raise ValidationFailed("an empty JSON array appends nothing", code="empty_append")
+            raise EmptyAppend("an empty JSON array appends nothing")
         return [orjson.dumps(item) for item in value]
     return [orjson.dumps(value)]
 

@@ -1,4 +1,4 @@
-"""Pure logic without services: scopes, cursors, ids and body rules."""
+"""Pure logic without services: scopes, JWTs, cursors, ids and body rules (moved from tests/test_units.py)."""
 
 from __future__ import annotations
 
