@@ -7,12 +7,13 @@ from itertools import pairwise
 from hypothesis import given
 from hypothesis import strategies as st
 
-from threadline.streams.compactor import _Chunk, plan_runs
+from threadline.streams.compactor import plan_runs
+from threadline.streams.wire import ChunkRef
 
 
-def chunks(*spans: tuple[int, int, int]) -> list[_Chunk]:
+def chunks(*spans: tuple[int, int, int]) -> list[ChunkRef]:
     """``(start, end, byte_length)`` each, in distinct objects."""
-    return [_Chunk(start, end, f"batches/{i:04x}", 0, size) for i, (start, end, size) in enumerate(spans)]
+    return [ChunkRef(start, end, f"batches/{i:04x}", 0, size) for i, (start, end, size) in enumerate(spans)]
 
 
 def test_contiguous_chunks_make_one_run() -> None:
@@ -61,22 +62,22 @@ def test_the_default_limit_is_eight_mib() -> None:
 
 
 @st.composite
-def chunk_lists(draw: st.DrawFn) -> list[_Chunk]:
+def chunk_lists(draw: st.DrawFn) -> list[ChunkRef]:
     """Chunks ordered by offset, as the compactor's query returns them, with random gaps."""
-    result: list[_Chunk] = []
+    result: list[ChunkRef] = []
     offset = draw(st.integers(0, 1000))
     for i in range(draw(st.integers(0, 40))):
         offset += draw(st.sampled_from([0, 0, 0, 1, 5]))  # mostly contiguous
         end = offset + draw(st.integers(1, 5))
         key = f"batches/{draw(st.integers(0, 3)):x}"
-        result.append(_Chunk(offset, end, key, i * 7, draw(st.integers(0, 40))))
+        result.append(ChunkRef(offset, end, key, i * 7, draw(st.integers(0, 40))))
         offset = end
     return result
 
 
 @given(chunk_lists(), st.integers(1, 120))
 def test_runs_are_contiguous_slices_of_at_least_two_chunks_within_max_bytes_in_order(
-    c: list[_Chunk], max_bytes: int
+    c: list[ChunkRef], max_bytes: int
 ) -> None:
     runs = plan_runs(c, max_bytes=max_bytes)
     last_index = -1
@@ -91,7 +92,7 @@ def test_runs_are_contiguous_slices_of_at_least_two_chunks_within_max_bytes_in_o
 
 
 @given(chunk_lists(), st.integers(1, 120))
-def test_runs_are_greedy_no_run_could_take_the_chunk_after_it(c: list[_Chunk], max_bytes: int) -> None:
+def test_runs_are_greedy_no_run_could_take_the_chunk_after_it(c: list[ChunkRef], max_bytes: int) -> None:
     runs = plan_runs(c, max_bytes=max_bytes)
     in_runs = {id(chunk) for run in runs for chunk in run}
     for run in runs:

@@ -20,12 +20,12 @@ import logging
 import secrets
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from prometheus_client import Counter
 
 from threadline.db import Conn
 from threadline.storage.objects import ObjectStore
+from threadline.streams.wire import ChunkRef
 
 __all__ = ["Compactor"]
 
@@ -41,19 +41,10 @@ _STREAMS_PER_PASS = 32
 _FETCH_CONCURRENCY = 8
 
 
-@dataclass(frozen=True, slots=True)
-class _Chunk:
-    start: int
-    end: int
-    key: str
-    byte_start: int
-    byte_length: int
-
-
-def plan_runs(chunks: Sequence[_Chunk], max_bytes: int = _MAX_SEGMENT_BYTES) -> list[list[_Chunk]]:
+def plan_runs(chunks: Sequence[ChunkRef], max_bytes: int = _MAX_SEGMENT_BYTES) -> list[list[ChunkRef]]:
     """Contiguous runs of at least two chunks, each at most ``max_bytes`` (ordered by offset)."""
-    runs: list[list[_Chunk]] = []
-    current: list[_Chunk] = []
+    runs: list[list[ChunkRef]] = []
+    current: list[ChunkRef] = []
     size = 0
     for chunk in chunks:
         contiguous = current and current[-1].end == chunk.start
@@ -122,7 +113,7 @@ class Compactor:
             self._min_age_seconds,
             _MAX_RUN_CHUNKS,
         )
-        chunks = [_Chunk(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        chunks = [ChunkRef(r[0], r[1], r[2], r[3], r[4]) for r in rows]
         written = 0
         for run in plan_runs(chunks):
             if await self._rewrite(conn, stream_id, run):
@@ -137,7 +128,7 @@ class Compactor:
         )
         return written
 
-    async def _rewrite(self, conn: Conn, stream_id: int, run: list[_Chunk]) -> bool:
+    async def _rewrite(self, conn: Conn, stream_id: int, run: list[ChunkRef]) -> bool:
         body = b"".join(await self._fetch(run))
         key = f"segments/{stream_id}/{run[0].start:016d}-{run[-1].end:016d}-{secrets.token_hex(6)}"
         await self._objects.put_new(key, body)
@@ -153,7 +144,7 @@ class Compactor:
                        SELECT count(*) FROM gone""",
                     stream_id,
                     [chunk.start for chunk in run],
-                    [chunk.key for chunk in run],
+                    [chunk.object_key for chunk in run],
                 )
                 if deleted != len(run):
                     raise _Superseded  # trimmed, deleted or compacted elsewhere meanwhile
@@ -177,11 +168,11 @@ class Compactor:
         COMPACTED_CHUNKS.inc(len(run))
         return True
 
-    async def _fetch(self, run: list[_Chunk]) -> list[bytes]:
+    async def _fetch(self, run: list[ChunkRef]) -> list[bytes]:
         """The run's bytes in order: one ranged GET per object, a few objects at a time."""
         by_key: dict[str, list[int]] = defaultdict(list)
         for index, chunk in enumerate(run):
-            by_key[chunk.key].append(index)
+            by_key[chunk.object_key].append(index)
         parts: list[bytes] = [b""] * len(run)
         limit = asyncio.Semaphore(_FETCH_CONCURRENCY)
 
