@@ -15,7 +15,6 @@ from starlette.routing import Route
 from threadline.api.state import AppState, app_state
 from threadline.replication import SLOT
 from threadline.replication.progress import slot_status
-from threadline.storage.clickhouse import ping_clickhouse
 
 __all__ = ["routes"]
 
@@ -32,7 +31,7 @@ async def _check_postgres(state: AppState) -> None:
 
 
 async def _check_clickhouse(state: AppState) -> None:
-    await ping_clickhouse(await state.lists.clickhouse())
+    await state.lists.ping()
 
 
 async def _run_check(check: Callable[[], Awaitable[None]]) -> dict[str, Any]:

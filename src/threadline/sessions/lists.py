@@ -31,6 +31,7 @@ from threadline.storage.clickhouse import (
     ClickHouseError,
     ClickHouseUnavailable,
     connect_clickhouse,
+    ping_clickhouse,
 )
 
 __all__ = ["ListSource", "SessionLists"]
@@ -75,6 +76,10 @@ class SessionLists:
                     self._settings.clickhouse_url, connect_timeout=CONNECT_TIMEOUT_SECONDS
                 )
             return self._client
+
+    async def ping(self) -> None:
+        """Raise unless ClickHouse answers (``/readyz``)."""
+        await ping_clickhouse(await self.clickhouse())
 
     async def close(self) -> None:
         if self._client is not None:
