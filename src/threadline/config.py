@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     session_token_default_ttl_seconds: int = Field(default=3600, ge=60)
     session_token_max_ttl_seconds: int = Field(default=86400, ge=60)
     cors_allow_origins: str = "*"
+    public_url: str | None = Field(
+        default=None,
+        description="The base URL clients reach this server at (behind a proxy); used in returned URLs.",
+    )
     auth_cache_seconds: float = Field(
         default=5.0, ge=0, description="How long a verified key/secret is cached; revocation lag."
     )

@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -21,7 +23,16 @@ import asyncpg
 from threadline.config import sql_dir
 from threadline.errors import EngineError
 
-__all__ = ["Conn", "Migration", "MigrationError", "apply_migrations", "create_pool", "load_migrations"]
+__all__ = [
+    "POSTGRES_UNAVAILABLE",
+    "Conn",
+    "Migration",
+    "MigrationError",
+    "apply_migrations",
+    "create_pool",
+    "discarding_on_failure",
+    "load_migrations",
+]
 
 # A bare connection or one borrowed from a pool; quoted because asyncpg's classes are only
 # generic in its type stubs.
@@ -47,6 +58,36 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+# What asyncpg raises when Postgres is down, stalled, restarting or out of connections (and
+# the socket errors and timeouts under them): an outage to answer 503 for, never a bug.
+POSTGRES_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable; TimeoutError (pool.acquire, command_timeout) too
+    asyncpg.InterfaceError,  # the connection is closed or busy
+    asyncpg.InternalClientError,  # a connection left mid-operation by a timeout
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.OperatorInterventionError,  # class 57: shutdown, cannot connect now, statement timeout
+    asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full
+)
+
+
+@asynccontextmanager
+async def discarding_on_failure(pool: asyncpg.Pool[Any], *, acquire_timeout: float) -> AsyncIterator[Conn]:
+    """A pooled connection that is closed instead of reused when the block fails with anything but
+    a Postgres error (timeout, cancellation, a lost or confused connection): after those the
+    protocol state is unknown, and the next user would fail with "another operation is in
+    progress". A Postgres error leaves the connection usable (its transaction was rolled back)."""
+    conn = await pool.acquire(timeout=acquire_timeout)
+    try:
+        yield conn
+    except asyncpg.PostgresError:
+        raise
+    except BaseException:
+        conn.terminate()
+        raise
+    finally:
+        await pool.release(conn)
 
 
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:

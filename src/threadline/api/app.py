@@ -24,13 +24,23 @@ from threadline.api.middleware import RequestObservabilityMiddleware, SecurityHe
 from threadline.api.state import AppState
 from threadline.auth.authenticator import Authenticator
 from threadline.config import Settings, sql_dir
-from threadline.db import apply_migrations, create_pool
-from threadline.errors import ApiError, HttpError, InternalError, MethodNotAllowed, RouteNotFound
+from threadline.db import POSTGRES_UNAVAILABLE, apply_migrations, create_pool
+from threadline.errors import (
+    ApiError,
+    DatabaseUnavailable,
+    DependencyUnavailable,
+    HttpError,
+    InternalError,
+    MethodNotAllowed,
+    RouteNotFound,
+    ServiceUnavailable,
+    StorageUnavailable,
+)
 from threadline.replication.consumer import ReplicationConsumer
 from threadline.sessions.activity import SessionActivity
 from threadline.sessions.lists import SessionLists
 from threadline.storage.clickhouse import ClickHouseUnavailable, apply_clickhouse_schema, connect_clickhouse
-from threadline.storage.objects import ObjectStore
+from threadline.storage.objects import ObjectStore, ObjectStoreUnavailable
 from threadline.streams.engine import StreamEngine
 
 __all__ = ["create_app", "uvicorn_config"]
@@ -85,6 +95,23 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     kind: type[ApiError] = {404: RouteNotFound, 405: MethodNotAllowed}.get(exc.status_code, HttpError)
     error = kind(exc.detail)
     return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _dependency_error(request: Request, exc: Exception) -> Response:
+    """A dependency that is down or stalled is an outage, not a bug: 503 with Retry-After (the
+    client retries), and one log line without a traceback."""
+    error: ServiceUnavailable
+    if isinstance(exc, ObjectStoreUnavailable):
+        error = StorageUnavailable("object storage unavailable; retry shortly")
+    elif isinstance(exc, DependencyUnavailable):
+        error = ServiceUnavailable("a dependency is unavailable; retry shortly")
+    else:
+        error = DatabaseUnavailable("database unavailable; retry shortly")
+    logger.warning(
+        "dependency unavailable",
+        extra={"path": request.url.path, "code": error.code, "error": repr(exc)[:300]},
+    )
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
 
 async def _unhandled_error(request: Request, exc: Exception) -> Response:
@@ -181,7 +208,13 @@ def create_app(settings: Settings) -> Starlette:
                 max_age=600,
             ),
         ],
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unhandled_error},
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            DependencyUnavailable: _dependency_error,
+            **dict.fromkeys(POSTGRES_UNAVAILABLE, _dependency_error),
+            Exception: _unhandled_error,
+        },
         lifespan=lifespan,
     )
     return app

@@ -10,9 +10,12 @@ from starlette.requests import Request
 
 from threadline.errors import InvalidJson, PayloadTooLarge, ValidationFailed
 
-__all__ = ["MAX_JSON_BODY_BYTES", "read_body", "read_model"]
+__all__ = ["MAX_JSON_BODY_BYTES", "MAX_JSON_DEPTH", "read_body", "read_model"]
 
 MAX_JSON_BODY_BYTES = 32 * 1024
+# Request bodies are small objects; deeper nesting is a mistake or an attack on the parser.
+MAX_JSON_DEPTH = 32
+_INT64 = 1 << 63
 Model = TypeVar("Model", bound=BaseModel)
 
 
@@ -52,12 +55,43 @@ async def read_model(request: Request, model: type[Model], *, allow_empty: bool 
     if content_type not in ("application/json", ""):
         raise InvalidJson(f"Content-Type must be application/json, not {content_type}")
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge numbers, depth
         raise InvalidJson(f"request body is not valid JSON: {exc}") from None
+    _check_storable(data)
     if not isinstance(data, dict):
         raise InvalidJson("request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ValidationFailed("request body is invalid", details=_errors(exc)) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_storable(data: Any) -> None:
+    """400 for what Postgres cannot store or clients cannot read back exactly: NUL in any string
+    (text and jsonb refuse it), integers beyond 64 bits, nesting deeper than MAX_JSON_DEPTH."""
+    pending: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while pending:
+        value, path, depth = pending.pop()
+        where = path or "(body)"
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidJson(f"request body nests deeper than {MAX_JSON_DEPTH} levels (at {where})")
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise ValidationFailed(f"{where}: text may not contain NUL (\\u0000)")
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, int):
+            if not -_INT64 <= value < _INT64:
+                raise ValidationFailed(f"{where}: integers must fit in 64 bits")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if "\x00" in key:
+                    raise ValidationFailed(f"{where}: keys may not contain NUL (\\u0000)")
+                pending.append((item, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(value, list):
+            pending.extend((item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value))

@@ -68,7 +68,9 @@ async def _channel(request: Request, action: Action) -> _Channel:
 
 
 def _urls(request: Request, channel: _Channel) -> dict[str, str]:
-    base = str(request.base_url).rstrip("/")
+    # Never built from the Host header when a public URL is configured (Host is the client's to set).
+    public_url = app_state(request).settings.public_url
+    base = (public_url or str(request.base_url)).rstrip("/")
     realtime = f"{base}{REALTIME_PREFIX}{channel.session.id}/{channel.io}"
     return {
         "subscribe": realtime,

@@ -157,6 +157,12 @@ async def put_stream(request: Request) -> Response:
 
 async def post_stream(request: Request) -> Response:
     environment_id, target = await _target(request, Action.WRITE)
+    close = flag_header(request, CLOSED)
+    if close and target.session_id is not None:
+        # Closing one channel would leave an ACTIVE session nobody can write to.
+        raise SessionChannel(
+            "a session's channels close with the session: POST /api/v1/sessions/{session}/close"
+        )
     body = await read_body(request, MAX_BATCH_BYTES)
     producer = producer_headers(request)
     outcome = await app_state(request).streams.append(
@@ -165,7 +171,7 @@ async def post_stream(request: Request) -> Response:
         Append(
             body,
             request.headers.get("content-type"),
-            close=flag_header(request, CLOSED),
+            close=close,
             producer=producer,
             stream_seq=request.headers.get("Stream-Seq"),
         ),

@@ -67,6 +67,12 @@ class Authenticator:
                 raise Unauthorized("Authorization header must be 'Bearer <key or token>'")
             return value.strip()
         if allow_query_token and (token := conn.query_params.get("token")):
+            if token.startswith(SECRET_KEY_PREFIX):
+                # URLs end up in logs, proxies and browser history; a secret key there is leaked.
+                raise Unauthorized(
+                    "secret keys are never accepted in URLs: send it as 'Authorization: Bearer', "
+                    "or put a session token (POST /api/v1/sessions/{session}/tokens) in ?token="
+                )
             return token
         raise Unauthorized("missing credentials: send 'Authorization: Bearer <key or token>'")
 

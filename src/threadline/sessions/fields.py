@@ -191,6 +191,8 @@ def single_value(params: Mapping[str, list[str]], key: str) -> str | None:
         return None
     if len(values) > 1:
         raise ValidationFailed(f"{key} was given {len(values)} times; give it once")
+    if "\x00" in values[0]:
+        raise ValidationFailed(f"{key} may not contain NUL (%00)")
     return values[0]
 
 

@@ -82,7 +82,7 @@ class Cursor:
             RecursionError,
         ):
             raise InvalidCursor(f"{param} is not a valid cursor") from None
-        if not _MIN_KEY_US <= cursor.key_us <= _MAX_KEY_US:
+        if not _MIN_KEY_US <= cursor.key_us <= _MAX_KEY_US or "\x00" in cursor.id:
             raise InvalidCursor(f"{param} is not a valid cursor")
         if cursor.sort != sort:
             raise InvalidCursor(f"{param} was made for sort={cursor.sort}, not sort={sort}")

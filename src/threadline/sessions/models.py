@@ -34,6 +34,9 @@ FRIENDLY_ID_PREFIX = "session_"
 def _external_id(value: str) -> str:
     if value.startswith(FRIENDLY_ID_PREFIX):
         raise ValueError(f"externalId may not start with '{FRIENDLY_ID_PREFIX}' (reserved for session ids)")
+    if "/" in value:
+        # It addresses the session in paths (/api/v1/sessions/{session}, sessions/<ref>/out).
+        raise ValueError("externalId may not contain '/' (it is used in URL paths)")
     return value
 
 

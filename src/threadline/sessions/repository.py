@@ -108,6 +108,8 @@ async def get_session_by_id(conn: Conn, session_id: str) -> SessionView:
 
 
 async def get_session(conn: Conn, environment_id: str, ref: str) -> SessionView:
+    if "\x00" in ref:  # no session has one (Postgres text cannot hold NUL), and it cannot be a query value
+        raise SessionNotFound(f"session {ref!r} not found")
     row = await conn.fetchrow(
         f"{_SELECT} WHERE s.environment_id = $1 AND s.{_ref_column(ref)} = $2", environment_id, ref
     )

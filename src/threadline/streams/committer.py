@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import asyncpg
 from prometheus_client import Counter, Histogram
 
+from threadline.db import discarding_on_failure
 from threadline.errors import (
     ApiError,
     DatabaseUnavailable,
@@ -298,7 +299,7 @@ class GroupCommitter:
         producer_keys = sorted(
             {(p.request.stream_id, p.request.producer.id) for p in batch if p.request.producer is not None}
         )
-        async with self._pool.acquire(timeout=_STATEMENT_TIMEOUT) as conn:
+        async with discarding_on_failure(self._pool, acquire_timeout=_STATEMENT_TIMEOUT) as conn:
             if time.perf_counter() - put_done > _MAX_PUT_TO_COMMIT_SECONDS:
                 # The orphan sweep deletes objects no row knows once they are old enough; an
                 # object must never gain its rows after that, so a stalled flush gives up.
