@@ -10,10 +10,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import ServerThread, Tenant, assert_error, bearer, eventually, make_tenant, settings_for
+from tests.conftest import (
+    ServerThread,
+    Tenant,
+    assert_error,
+    bearer,
+    eventually,
+    make_tenant,
+    run,
+    settings_for,
+)
 from threadline.config import Settings
 from threadline.embedded.stack import EmbeddedStack
 
@@ -127,3 +137,105 @@ def test_settings_can_name_the_public_url_used_in_returned_urls(
             ).json()
     assert described["urls"]["subscribe"] == f"{public}/realtime/v1/sessions/{session['id']}/out"
     assert described["urls"]["stream"] == f"{public}/v1/stream/sessions/{session['id']}/out"
+
+
+# A deferred constraint trigger runs inside COMMIT: it holds COMMIT for a while (trapping the
+# cancel a client timeout sends, as a stalled disk would not answer it either), and can make it
+# fail. Installed in this module's own database only.
+_COMMIT_FAULTS = """
+CREATE TABLE IF NOT EXISTS test_commit_faults (
+    stream_id bigint PRIMARY KEY, hold_seconds float8 NOT NULL, fail boolean NOT NULL DEFAULT false);
+CREATE OR REPLACE FUNCTION test_commit_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    fault record;
+    until timestamptz;
+BEGIN
+    SELECT * INTO fault FROM test_commit_faults WHERE stream_id = NEW.stream_id;
+    IF FOUND THEN
+        until := clock_timestamp() + fault.hold_seconds * interval '1 second';
+        WHILE clock_timestamp() < until LOOP
+            BEGIN
+                PERFORM pg_sleep(0.05);
+            EXCEPTION WHEN query_canceled THEN
+                NULL;
+            END;
+        END LOOP;
+        IF fault.fail THEN
+            RAISE EXCEPTION 'injected failure at commit';
+        END IF;
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS test_commit_fault ON stream_chunks;
+CREATE CONSTRAINT TRIGGER test_commit_fault AFTER INSERT ON stream_chunks
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_commit_fault();
+"""
+
+
+def _with_commit_fault(settings: Settings, name: str, hold_seconds: float, *, fail: bool = False) -> None:
+    async def go() -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await conn.execute(_COMMIT_FAULTS)
+            stream_id = await conn.fetchval(
+                "SELECT id FROM streams WHERE name = $1 AND deleted_at IS NULL", name
+            )
+            await conn.execute(
+                """INSERT INTO test_commit_faults VALUES ($1, $2, $3)
+                   ON CONFLICT (stream_id) DO UPDATE SET hold_seconds = $2, fail = $3""",
+                stream_id,
+                hold_seconds,
+                fail,
+            )
+        finally:
+            await conn.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    ("hold_seconds", "fail", "outcome_wait", "expected"),
+    [
+        # COMMIT's reply is late (the client gives up after 1 s), but it commits within the wait:
+        # the append is acknowledged, exactly once.
+        (3.0, False, 15.0, "acknowledged"),
+        # COMMIT fails after the client gave up: Postgres says aborted, so "failed" is the truth.
+        (3.0, True, 15.0, "failed"),
+        # Still committing when the wait runs out: the answer says unknown, never "failed", and
+        # the record does appear once the commit finishes.
+        (4.0, False, 1.0, "unknown"),
+    ],
+)
+def test_an_append_whose_commit_reply_is_lost_is_answered_with_its_real_outcome(
+    own_settings: Settings, hold_seconds: float, fail: bool, outcome_wait: float, expected: str
+) -> None:
+    settings = own_settings.model_copy(
+        update={"commit_timeout_seconds": 1.0, "commit_outcome_wait_seconds": outcome_wait}
+    )
+    name = f"faults-commit-{expected}"
+    with ServerThread(settings) as url:
+        tenant = make_tenant(settings, "faults-commit")
+        with httpx.Client(base_url=url, headers=bearer(tenant.key), timeout=60) as client:
+            text = {"Content-Type": "text/plain"}
+            assert client.put(f"/v1/stream/{name}", headers=text).status_code == 201
+            assert client.post(f"/v1/stream/{name}", content=b"first;", headers=text).status_code == 204
+            _with_commit_fault(settings, name, hold_seconds, fail=fail)
+            answer = client.post(f"/v1/stream/{name}", content=b"second;", headers=text)
+            _with_commit_fault(settings, name, 0.0)
+            if expected == "acknowledged":
+                assert answer.status_code == 204, answer.text
+                assert client.get(f"/v1/stream/{name}", params={"offset": "-1"}).content == b"first;second;"
+            elif expected == "failed":
+                assert_error(answer, 503, "database_unavailable")
+                assert client.get(f"/v1/stream/{name}", params={"offset": "-1"}).content == b"first;"
+            else:
+                error = assert_error(answer, 503, "outcome_unknown")
+                assert "may be stored" in error["message"]
+                eventually(
+                    lambda: (
+                        client.get(f"/v1/stream/{name}", params={"offset": "-1"}).content == b"first;second;"
+                    ),
+                    timeout=30,
+                )
+            # The committer carries on with a fresh connection.
+            assert client.post(f"/v1/stream/{name}", content=b"third;", headers=text).status_code == 204

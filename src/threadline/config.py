@@ -85,6 +85,21 @@ class Settings(BaseSettings):
     sse_send_timeout_seconds: float = Field(
         default=30.0, gt=0, description="An SSE reader that takes no bytes for this long is dropped."
     )
+    commit_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        le=60,
+        description="Bound on each statement of a group commit, COMMIT included.",
+    )
+    commit_outcome_wait_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description=(
+            "When COMMIT's reply is lost (timeout, connection dropped), how long to ask Postgres "
+            "whether it committed before answering outcome_unknown."
+        ),
+    )
     commit_concurrency: int = Field(
         default=2,
         ge=1,

@@ -8,6 +8,7 @@ refuses to run against a database whose applied migrations were edited afterward
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -82,9 +83,15 @@ async def discarding_on_failure(pool: asyncpg.Pool[Any], *, acquire_timeout: flo
     try:
         yield conn
     except asyncpg.PostgresError:
+        if conn.is_in_transaction():  # a failed statement of a transaction opened by hand
+            try:
+                await conn.execute("ROLLBACK", timeout=acquire_timeout)
+            except Exception:
+                conn.terminate()
         raise
     except BaseException:
-        conn.terminate()
+        with contextlib.suppress(asyncpg.InterfaceError):  # asyncpg may have released it already
+            conn.terminate()
         raise
     finally:
         await pool.release(conn)

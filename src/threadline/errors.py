@@ -53,6 +53,7 @@ StreamClosed``), never by comparing code strings, and a client's ``code`` is def
     │   └── ServiceUnavailable          503 service_unavailable (with Retry-After)
     │       ├── DatabaseUnavailable         database_unavailable
     │       ├── StorageUnavailable          storage_unavailable
+    │       ├── OutcomeUnknown              outcome_unknown
     │       ├── ReplicationLagging          replication_lagging
     │       └── ShuttingDown                shutting_down
     └── EngineError                     not an HTTP answer: the code that calls the engine maps it
@@ -96,6 +97,7 @@ __all__ = [
     "NotFound",
     "OffsetOutOfRange",
     "OffsetTrimmed",
+    "OutcomeUnknown",
     "PayloadTooLarge",
     "ProducerEpochSeq",
     "ProducerFenced",
@@ -367,6 +369,13 @@ class DatabaseUnavailable(ServiceUnavailable):
 
 class StorageUnavailable(ServiceUnavailable):
     code = "storage_unavailable"
+
+
+class OutcomeUnknown(ServiceUnavailable):
+    """The append may or may not have committed: Postgres did not confirm either way in time.
+    Unlike every other 503 this one does not mean "nothing happened"."""
+
+    code = "outcome_unknown"
 
 
 class ReplicationLagging(ServiceUnavailable):

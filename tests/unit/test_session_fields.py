@@ -44,8 +44,9 @@ LIST_ONLY_KEYS = {"sort", "page[size]", "page[after]", "page[before]"}
 
 # --- strategies ---------------------------------------------------------------------------------
 
+# Any text a value can hold: no comma (the separator) and no NUL (refused: Postgres cannot store it).
 value_text = (
-    st.text(st.characters(codec="utf-8", exclude_characters=","), min_size=1, max_size=6)
+    st.text(st.characters(codec="utf-8", exclude_characters=",\x00"), min_size=1, max_size=6)
     .map(str.strip)
     .filter(bool)
 )
@@ -439,3 +440,10 @@ def test_mirror_row_values() -> None:
     assert deleted[COLUMNS.index("metadata")] == '{"k":[1,"\\u00e9"]}'
     assert deleted[COLUMNS.index("tags")] == []
     assert deleted[-2:] == [9, 1]
+
+
+@pytest.mark.parametrize("param", [*(f.param for f in ANY_OF_FILTERS), "filter[status]", "sort"])
+def test_a_nul_in_any_query_value_is_a_400(param: str) -> None:
+    with pytest.raises(ValidationFailed) as raised:
+        parse_list_query({param: ["a\x00b"]}, now=NOW)
+    assert raised.value.message == f"{param} may not contain NUL (%00)"

@@ -30,10 +30,11 @@ from typing import Any, Protocol
 import asyncpg
 from prometheus_client import Counter, Histogram
 
-from threadline.db import discarding_on_failure
+from threadline.db import POSTGRES_UNAVAILABLE, discarding_on_failure
 from threadline.errors import (
     ApiError,
     DatabaseUnavailable,
+    OutcomeUnknown,
     SessionExpired,
     ShuttingDown,
     StorageUnavailable,
@@ -53,15 +54,23 @@ __all__ = ["ActivitySink", "AppendOutcome", "AppendRequest", "GroupCommitter"]
 
 logger = logging.getLogger(__name__)
 
-# A flush commits within _MAX_PUT_TO_COMMIT_SECONDS of its PUT plus three bounded statements, or
+# A flush commits within _MAX_PUT_TO_COMMIT_SECONDS of its PUT plus its bounded statements, or
 # fails: that bound is what lets the orphan sweep delete old objects no row knows
 # (THREADLINE_ORPHAN_MIN_AGE_SECONDS must stay well above it).
 _MAX_PUT_TO_COMMIT_SECONDS = 60.0
-_STATEMENT_TIMEOUT = 20.0
+_OUTCOME_POLL_SECONDS = 0.05
 
 
 class _Stalled(Exception):
     pass
+
+
+class _CommitUnconfirmed(Exception):
+    """COMMIT was sent and neither its reply nor Postgres (asked again) told how it ended."""
+
+    def __init__(self, xid: str) -> None:
+        super().__init__(f"transaction {xid}: outcome unknown")
+        self.xid = xid
 
 
 class ActivitySink(Protocol):
@@ -148,6 +157,8 @@ class GroupCommitter:
         *,
         max_flush_bytes: int = 16 * 1024 * 1024,
         max_inflight: int = 2,
+        statement_timeout: float = 20.0,
+        outcome_wait: float = 5.0,
     ) -> None:
         self._pool = pool
         self._objects = objects
@@ -155,6 +166,8 @@ class GroupCommitter:
         self._cache = cache
         self._activity = activity
         self._max_flush_bytes = max_flush_bytes
+        self._statement_timeout = statement_timeout
+        self._outcome_wait = outcome_wait
         self._slots = asyncio.Semaphore(max_inflight)
         self._queue: list[_Pending] = []
         self._queued = asyncio.Event()
@@ -242,6 +255,21 @@ class GroupCommitter:
                     FLUSH_FAILURES.labels("stalled").inc()
                     self._fail(batch, DatabaseUnavailable("commit stalled; retry"))
                     return
+                except _CommitUnconfirmed as exc:
+                    FLUSH_FAILURES.labels("outcome_unknown").inc()
+                    logger.warning(
+                        "group commit outcome unknown", extra={"xid": exc.xid, "appends": len(batch)}
+                    )
+                    self._fail(
+                        batch,
+                        OutcomeUnknown(
+                            f"the database did not confirm whether this append committed within "
+                            f"{self._outcome_wait:g}s: it may be stored. Retry with the same "
+                            "Producer-Id/Epoch/Seq (a duplicate is recognised, never stored twice), "
+                            "or read the stream before retrying without producer headers."
+                        ),
+                    )
+                    return
                 except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     FLUSH_FAILURES.labels("postgres").inc()
                     logger.warning("group commit failed", extra={"error": str(exc), "appends": len(batch)})
@@ -299,64 +327,66 @@ class GroupCommitter:
         producer_keys = sorted(
             {(p.request.stream_id, p.request.producer.id) for p in batch if p.request.producer is not None}
         )
-        async with discarding_on_failure(self._pool, acquire_timeout=_STATEMENT_TIMEOUT) as conn:
+        async with discarding_on_failure(self._pool, acquire_timeout=self._statement_timeout) as conn:
             if time.perf_counter() - put_done > _MAX_PUT_TO_COMMIT_SECONDS:
                 # The orphan sweep deletes objects no row knows once they are old enough; an
                 # object must never gain its rows after that, so a stalled flush gives up.
                 raise _Stalled
-            async with conn.transaction():
-                rows = await conn.fetch(
-                    """SELECT s.id, s.content_type, s.next_offset, s.last_stream_seq, s.session_id,
-                              s.closed_at IS NOT NULL AS closed, s.deleted_at IS NOT NULL AS deleted,
-                              coalesce(s.expires_at <= now(), false) AS expired,
-                              coalesce(ss.expires_at <= now(), false) AS session_expired
-                       FROM streams s LEFT JOIN sessions ss ON ss.id = s.session_id
-                       WHERE s.id = ANY($1::bigint[]) ORDER BY s.id FOR UPDATE OF s""",
-                    stream_ids,
-                    timeout=_STATEMENT_TIMEOUT,
+            await conn.execute("BEGIN", timeout=self._statement_timeout)
+            rows = await conn.fetch(
+                """SELECT pg_current_xact_id()::text AS xid,
+                          s.id, s.content_type, s.next_offset, s.last_stream_seq, s.session_id,
+                          s.closed_at IS NOT NULL AS closed, s.deleted_at IS NOT NULL AS deleted,
+                          coalesce(s.expires_at <= now(), false) AS expired,
+                          coalesce(ss.expires_at <= now(), false) AS session_expired
+                   FROM streams s LEFT JOIN sessions ss ON ss.id = s.session_id
+                   WHERE s.id = ANY($1::bigint[]) ORDER BY s.id FOR UPDATE OF s""",
+                stream_ids,
+                timeout=self._statement_timeout,
+            )
+            heads = {
+                row["id"]: _Head(
+                    next_offset=row["next_offset"],
+                    content_type=row["content_type"],
+                    closed=row["closed"],
+                    deleted=row["deleted"],
+                    expired=row["expired"],
+                    session_expired=row["session_expired"],
+                    last_stream_seq=row["last_stream_seq"],
+                    session_id=row["session_id"],
                 )
-                heads = {
-                    row["id"]: _Head(
-                        next_offset=row["next_offset"],
-                        content_type=row["content_type"],
-                        closed=row["closed"],
-                        deleted=row["deleted"],
-                        expired=row["expired"],
-                        session_expired=row["session_expired"],
-                        last_stream_seq=row["last_stream_seq"],
-                        session_id=row["session_id"],
+                for row in rows
+            }
+            producers: dict[tuple[int, str], ProducerState] = {}
+            if producer_keys:
+                for row in await conn.fetch(
+                    """SELECT p.stream_id, p.producer_id, p.epoch, p.last_seq, p.last_next_offset
+                       FROM stream_producers p
+                       JOIN unnest($1::bigint[], $2::text[]) AS k (stream_id, producer_id)
+                         ON p.stream_id = k.stream_id AND p.producer_id = k.producer_id""",
+                    [k[0] for k in producer_keys],
+                    [k[1] for k in producer_keys],
+                    timeout=self._statement_timeout,
+                ):
+                    producers[(row["stream_id"], row["producer_id"])] = ProducerState(
+                        row["epoch"], row["last_seq"], row["last_next_offset"]
                     )
-                    for row in rows
-                }
-                producers: dict[tuple[int, str], ProducerState] = {}
-                if producer_keys:
-                    for row in await conn.fetch(
-                        """SELECT p.stream_id, p.producer_id, p.epoch, p.last_seq, p.last_next_offset
-                           FROM stream_producers p
-                           JOIN unnest($1::bigint[], $2::text[]) AS k (stream_id, producer_id)
-                             ON p.stream_id = k.stream_id AND p.producer_id = k.producer_id""",
-                        [k[0] for k in producer_keys],
-                        [k[1] for k in producer_keys],
-                        timeout=_STATEMENT_TIMEOUT,
-                    ):
-                        producers[(row["stream_id"], row["producer_id"])] = ProducerState(
-                            row["epoch"], row["last_seq"], row["last_next_offset"]
-                        )
-                changed_producers: set[tuple[int, str]] = set()
-                outcomes: list[tuple[_Pending, AppendOutcome | ApiError]] = []
-                for pending in batch:
-                    head = heads.get(pending.request.stream_id)
-                    try:
-                        outcome = self._decide(pending, head, key or "", producers, changed_producers)
-                    except ApiError as exc:
-                        outcomes.append((pending, exc))
-                    else:
-                        outcomes.append((pending, outcome))
-                changes = self._changes(heads)
-                await self._write(conn, key, len(body), heads, producers, changed_producers, changes)
-                # Cached before COMMIT: this transaction's NOTIFY may reach the listener (and wake
-                # every subscriber) before COMMIT's reply reaches us, and they must find the bytes.
-                self._cache_chunks(key, body, changes)
+            changed_producers: set[tuple[int, str]] = set()
+            outcomes: list[tuple[_Pending, AppendOutcome | ApiError]] = []
+            for pending in batch:
+                head = heads.get(pending.request.stream_id)
+                try:
+                    outcome = self._decide(pending, head, key or "", producers, changed_producers)
+                except ApiError as exc:
+                    outcomes.append((pending, exc))
+                else:
+                    outcomes.append((pending, outcome))
+            changes = self._changes(heads)
+            await self._write(conn, key, len(body), heads, producers, changed_producers, changes)
+            # Cached before COMMIT: this transaction's NOTIFY may reach the listener (and wake
+            # every subscriber) before COMMIT's reply reaches us, and they must find the bytes.
+            self._cache_chunks(key, body, changes)
+            await self._commit_or_learn_outcome(conn, rows[0]["xid"] if rows else None)
         for head in heads.values():
             if head.records and head.session_id is not None:
                 self._activity.touch(head.session_id)
@@ -371,6 +401,58 @@ class GroupCommitter:
                 RECORDS.inc(result.appended)
                 pending.future.set_result(result)
         return changes
+
+    async def _commit_or_learn_outcome(self, conn: Any, xid: str | None) -> None:
+        """COMMIT, and when its reply is lost (timeout, connection dropped) ask Postgres how the
+        transaction ended instead of guessing: an append answered "failed" must have left nothing,
+        and one that committed must be acknowledged. Raises the COMMIT's error when it aborted,
+        _CommitUnconfirmed when Postgres cannot tell within the outcome wait."""
+        try:
+            await conn.execute("COMMIT", timeout=self._statement_timeout)
+            return
+        except asyncpg.PostgresError:
+            raise  # Postgres answered: the transaction aborted
+        except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+            # The connection's protocol state is unknown now: never reuse it. (asyncpg may have
+            # closed it and handed it back to the pool already.)
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
+            if xid is None:
+                raise  # nothing was written in it
+            committed = await self._transaction_committed(xid)
+            if committed is None:
+                raise _CommitUnconfirmed(xid) from exc
+            if not committed:
+                raise
+            logger.info("group commit confirmed after its reply was lost", extra={"xid": xid})
+
+    async def _transaction_committed(self, xid: str) -> bool | None:
+        """How transaction ``xid`` ended, asked on another connection until the outcome wait runs
+        out: True committed, False aborted, None unknown (Postgres unreachable, or still
+        committing)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._outcome_wait
+        last_error: BaseException | None = None
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                async with discarding_on_failure(self._pool, acquire_timeout=remaining) as conn:
+                    status = await conn.fetchval(
+                        "SELECT pg_xact_status($1::text::xid8)",
+                        xid,
+                        timeout=max(deadline - loop.time(), 0.01),
+                    )
+            except POSTGRES_UNAVAILABLE as exc:
+                status, last_error = None, exc
+            if status == "committed":
+                return True
+            if status == "aborted":
+                return False
+            await asyncio.sleep(min(_OUTCOME_POLL_SECONDS, max(deadline - loop.time(), 0)))
+        logger.warning(
+            "could not learn a transaction's outcome",
+            extra={"xid": xid, "error": repr(last_error) if last_error else "still in progress"},
+        )
+        return None
 
     def _cache_chunks(self, key: str | None, body: bytes, changes: list[TailChange]) -> None:
         if key is None:
@@ -540,5 +622,5 @@ class GroupCommitter:
             [state.last_next_offset for _, state in producer_items],
             encode_notifications(changes),
             NOTIFY_CHANNEL,
-            timeout=_STATEMENT_TIMEOUT,
+            timeout=self._statement_timeout,
         )

@@ -46,6 +46,8 @@ class StreamEngine:
             self.cache,
             activity,
             max_inflight=settings.commit_concurrency,
+            statement_timeout=settings.commit_timeout_seconds,
+            outcome_wait=settings.commit_outcome_wait_seconds,
         )
         self.reader = StreamReader(pool, objects, self.cache, max_read_bytes=settings.max_read_bytes)
         self.maintenance = Maintenance(settings, pool, objects)
