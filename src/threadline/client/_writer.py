@@ -156,18 +156,11 @@ SendBatch = Callable[[bytes, Producer], AppendResult]
 AsyncSendBatch = Callable[[bytes, Producer], Coroutine[Any, Any, AppendResult]]
 
 
-class AsyncWriter:
-    """Batches appends to one channel; use ``async with channel.writer() as w: await w.append(x)``.
-
-    ``linger_ms``: how long a batch waits for more records (default 5). ``max_records`` (≤ 1000)
-    and ``max_bytes`` (≤ 4 MiB): the most one append carries. ``max_buffered_bytes``: backpressure.
-    ``producer_id``/``epoch``: reuse them (bumping ``epoch``) to fence an older writer of the
-    same producer. ``retry_timeout``: how long a batch is resent before the writer fails.
-    """
+class _WriterBase:
+    """Options and state both writers share (documented on :class:`AsyncWriter`)."""
 
     def __init__(
         self,
-        send: AsyncSendBatch,
         *,
         linger_ms: float = 5,
         max_records: int = 1000,
@@ -177,7 +170,6 @@ class AsyncWriter:
         epoch: int = 0,
         retry_timeout: float = 120.0,
     ) -> None:
-        self._send = send
         self._b = _Batcher(
             linger_ms=linger_ms,
             max_records=max_records,
@@ -187,8 +179,6 @@ class AsyncWriter:
             epoch=epoch,
             retry_timeout=retry_timeout,
         )
-        self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def producer_id(self) -> str:
@@ -202,6 +192,22 @@ class AsyncWriter:
     def last_result(self) -> AppendResult | None:
         """The acknowledgement of the last batch sent (its ``next_offset`` is where the channel ends)."""
         return self._b.last_result
+
+
+class AsyncWriter(_WriterBase):
+    """Batches appends to one channel; use ``async with channel.writer() as w: await w.append(x)``.
+
+    ``linger_ms``: how long a batch waits for more records (default 5). ``max_records`` (≤ 1000)
+    and ``max_bytes`` (≤ 4 MiB): the most one append carries. ``max_buffered_bytes``: backpressure.
+    ``producer_id``/``epoch``: reuse them (bumping ``epoch``) to fence an older writer of the
+    same producer. ``retry_timeout``: how long a batch is resent before the writer fails.
+    """
+
+    def __init__(self, send: AsyncSendBatch, **options: Any) -> None:
+        super().__init__(**options)
+        self._send = send
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
 
     async def append(self, value: Any) -> None:
         """Buffer one record (any JSON value); waits while the buffer is full."""
@@ -274,46 +280,15 @@ class AsyncWriter:
                 attempt += 1
 
 
-class Writer:
+class Writer(_WriterBase):
     """The sync client's writer: the same batching, with the sender on a thread. ``with
     channel.writer() as w: w.append(x)``; options as for :class:`AsyncWriter`."""
 
-    def __init__(
-        self,
-        send: SendBatch,
-        *,
-        linger_ms: float = 5,
-        max_records: int = 1000,
-        max_bytes: int = MAX_RECORD_BYTES,
-        max_buffered_bytes: int = 16 * 1024 * 1024,
-        producer_id: str | None = None,
-        epoch: int = 0,
-        retry_timeout: float = 120.0,
-    ) -> None:
+    def __init__(self, send: SendBatch, **options: Any) -> None:
+        super().__init__(**options)
         self._send = send
-        self._b = _Batcher(
-            linger_ms=linger_ms,
-            max_records=max_records,
-            max_bytes=max_bytes,
-            max_buffered_bytes=max_buffered_bytes,
-            producer_id=producer_id,
-            epoch=epoch,
-            retry_timeout=retry_timeout,
-        )
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
-
-    @property
-    def producer_id(self) -> str:
-        return self._b.producer_id
-
-    @property
-    def state(self) -> WriterState:
-        return self._b.state
-
-    @property
-    def last_result(self) -> AppendResult | None:
-        return self._b.last_result
 
     def append(self, value: Any) -> None:
         self._b.check_open()
