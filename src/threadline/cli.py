@@ -1,140 +1,24 @@
-"""``threadline`` command line: run the server, the embedded dev stack, migrations and keys."""
+"""``threadline`` command line.
+
+Server commands (``dev``, ``serve``, ``migrate``, ``keys``, ``env``) need the server's dependencies
+(``pip install 'threadline[server]'``) and live in :mod:`threadline.server_cli`, imported only when
+one runs. Client commands (``sessions``, ``tail``, ``append``, ``streams``) talk to a server over
+HTTP with the SDK alone and live in :mod:`threadline.client._cli`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import json
-import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import asyncpg
-import uvicorn
 
 from threadline import __version__
-from threadline.auth.keys import (
-    bootstrap_environment,
-    create_api_key,
-    list_api_keys,
-    revoke_api_key,
-    signing_secret,
-)
-from threadline.config import DEV_ENDPOINTS_FILE, Settings, sql_dir
-from threadline.db import MigrationError, apply_migrations
-from threadline.logs import configure_logging
+from threadline.client._cli import CLIENT_COMMANDS, add_client_commands, run_client_command
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
-
-def _settings() -> Settings:
-    """Settings from the environment; falls back to a running ``threadline dev`` stack's endpoints."""
-    base = Settings()
-    endpoints = base.data_dir / DEV_ENDPOINTS_FILE
-    if (
-        "THREADLINE_DATABASE_URL" not in os.environ
-        and "DATABASE_URL" not in os.environ
-        and endpoints.is_file()
-    ):
-        return Settings(_env_file=endpoints)
-    return base
-
-
-@contextlib.asynccontextmanager
-async def _connect(settings: Settings) -> AsyncIterator[asyncpg.Connection[Any]]:
-    try:
-        conn = await asyncpg.connect(settings.database_url, timeout=10)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise SystemExit(
-            f"error: cannot connect to Postgres ({exc}). Set THREADLINE_DATABASE_URL, "
-            "or start `threadline dev` in this directory."
-        ) from None
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-async def _migrate(settings: Settings) -> None:
-    from threadline.storage.clickhouse import apply_clickhouse_schema, connect_clickhouse
-
-    async with _connect(settings) as conn:
-        applied = await apply_migrations(conn)
-    print(f"postgres: {len(applied)} migration(s) applied" + (f": {', '.join(applied)}" if applied else ""))
-    client = await connect_clickhouse(settings.clickhouse_url)
-    try:
-        files = await apply_clickhouse_schema(client, sql_dir("clickhouse_schema"))
-    finally:
-        await client.close()
-    print(f"clickhouse: schema applied ({', '.join(files)})")
-
-
-async def _keys(args: argparse.Namespace, settings: Settings) -> None:
-    async with _connect(settings) as conn:
-        await apply_migrations(conn)
-        if args.keys_command == "create":
-            environment = await bootstrap_environment(
-                conn, organization=args.org, project=args.project, environment=args.env
-            )
-            key, plaintext = await create_api_key(conn, environment.id, args.name)
-            print(
-                json.dumps(
-                    {"id": key.id, "environmentId": environment.id, "name": key.name, "key": plaintext}
-                )
-            )
-            print("store this key now: it is not shown again", file=sys.stderr)
-        elif args.keys_command == "list":
-            for key in await list_api_keys(conn):
-                print(
-                    json.dumps(
-                        {
-                            "id": key.id,
-                            "environmentId": key.environment_id,
-                            "name": key.name,
-                            "prefix": key.key_prefix,
-                            "createdAt": key.created_at.isoformat(),
-                            "lastUsedAt": key.last_used_at.isoformat() if key.last_used_at else None,
-                            "revokedAt": key.revoked_at.isoformat() if key.revoked_at else None,
-                        }
-                    )
-                )
-        elif args.keys_command == "revoke":
-            revoked = await revoke_api_key(conn, args.key_id)
-            if revoked is None:
-                raise SystemExit(f"error: no API key with id {args.key_id}")
-            print(
-                json.dumps(
-                    {
-                        "id": revoked.id,
-                        "revokedAt": revoked.revoked_at.isoformat() if revoked.revoked_at else None,
-                    }
-                )
-            )
-
-
-async def _env(args: argparse.Namespace, settings: Settings) -> None:
-    async with _connect(settings) as conn:
-        await apply_migrations(conn)
-        environment = await bootstrap_environment(
-            conn, organization=args.org, project=args.project, environment=args.env
-        )
-        out: dict[str, Any] = {
-            "environmentId": environment.id,
-            "projectId": environment.project_id,
-            "organizationId": environment.organization_id,
-        }
-        if args.env_command == "signing-secret":
-            out["signingSecret"] = await signing_secret(conn, environment.id)
-        print(json.dumps(out))
-
-
-def _serve(settings: Settings) -> None:
-    from threadline.api.app import uvicorn_config
-
-    uvicorn.Server(uvicorn_config(settings)).run()
+SERVER_INSTALL_HINT = "pip install 'threadline[server]'"
 
 
 def _add_tenancy_args(parser: argparse.ArgumentParser) -> None:
@@ -176,33 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tenancy_args(
         env_commands.add_parser("signing-secret", help="print the environment's JWT signing secret (HS256)")
     )
+    add_client_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    base = Settings()
-    configure_logging(base.log_level, base.log_format)
+    if args.command in CLIENT_COMMANDS:
+        sys.exit(run_client_command(args))
     try:
-        if args.command == "dev":
-            from threadline.devserver import run_dev
-
-            overrides: dict[str, Any] = {}
-            if args.data_dir is not None:
-                overrides["data_dir"] = args.data_dir
-            if args.host is not None:
-                overrides["host"] = args.host
-            if args.port is not None:
-                overrides["port"] = args.port
-            settings = base.model_copy(update=overrides)
-            sys.exit(run_dev(settings, fresh=args.fresh))
-        elif args.command == "serve":
-            _serve(base)
-        elif args.command == "migrate":
-            asyncio.run(_migrate(_settings()))
-        elif args.command == "keys":
-            asyncio.run(_keys(args, _settings()))
-        elif args.command == "env":
-            asyncio.run(_env(args, _settings()))
-    except MigrationError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        from threadline.server_cli import run_server_command
+    except ImportError as exc:
+        raise SystemExit(
+            f"error: `threadline {args.command}` runs the server and needs its dependencies "
+            f"(missing: {exc.name}). Install them with: {SERVER_INSTALL_HINT}"
+        ) from None
+    run_server_command(args)
