@@ -24,7 +24,7 @@ from threadline.client._config import (
 )
 from threadline.client._errors import ClientClosed, ConnectionFailed, RequestTimedOut, error_from_response
 from threadline.client._requests import Request
-from threadline.errors import ServiceUnavailable, ThreadlineError
+from threadline.errors import OutcomeUnknown, ServiceUnavailable, ThreadlineError
 
 __all__ = ["AsyncTransport", "Attempts", "SyncTransport", "transport_error"]
 
@@ -71,6 +71,11 @@ class Attempts:
             self.refresh = self._refreshed = True
             return 0.0
         if status == 503 and self.attempt < self.policy.max_retries:
+            error = error_from_response(status, response.headers, response.content)
+            if isinstance(error, OutcomeUnknown) and not self.request.idempotent:
+                # The server could not tell whether this append was stored: sending it again
+                # could store it twice. Only the caller (or a producer's retry) may decide.
+                raise error
             self.attempt += 1
             return self.policy.backoff(self.attempt - 1, response.headers)
         raise error_from_response(status, response.headers, response.content)
