@@ -61,7 +61,7 @@ def test_a_cursor_is_unpadded_base64url_json_of_sort_key_and_id() -> None:
 KEYS = st.integers(-62_135_596_800_000_000, 253_402_300_799_999_999)
 
 
-@given(sorts, KEYS, st.text(max_size=40))
+@given(sorts, KEYS, st.text(st.characters(exclude_characters="\x00"), max_size=40))
 def test_any_cursor_decodes_to_itself(sort: SortField, key_us: int, item_id: str) -> None:
     cursor = Cursor(sort=sort, key_us=key_us, id=item_id)
     encoded = cursor.encode()
@@ -432,3 +432,10 @@ def test_min_lsn_is_upper_cased() -> None:
 def test_a_malformed_min_lsn_is_a_400(lsn: str) -> None:
     with pytest.raises(ValidationFailed):
         parse(minLsn=lsn)
+
+
+def test_a_cursor_whose_id_holds_a_nul_is_invalid_cursor() -> None:
+    encoded = Cursor(sort="createdAt", key_us=1, id="a\x00b").encode()
+    with pytest.raises(ValidationFailed) as raised:
+        Cursor.decode(encoded, sort="createdAt", param="page[after]")
+    assert raised.value.code == "invalid_cursor"
