@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 
 from threadline.errors import InvalidJson, PayloadTooLarge, ValidationFailed
 
-__all__ = ["MAX_JSON_BODY_BYTES", "read_body", "read_model"]
+__all__ = ["MAX_JSON_BODY_BYTES", "TrimBody", "read_body", "read_model"]
 
 MAX_JSON_BODY_BYTES = 32 * 1024
 Model = TypeVar("Model", bound=BaseModel)
@@ -61,3 +61,13 @@ async def read_model(request: Request, model: type[Model], *, allow_empty: bool 
         return model.model_validate(data)
     except ValidationError as exc:
         raise ValidationFailed("request body is invalid", details=_errors(exc)) from None
+
+
+class TrimBody(BaseModel):
+    """``POST /api/v1/streams/trim`` (here, not in the route module, so the OpenAPI document can
+    describe it without importing a route module)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    stream: str = Field(description="Stream name below /v1/stream/, e.g. sessions/<id>/out")
+    before: str = Field(description="Records before this offset are removed; -1 is a no-op, now the tail")
