@@ -1,4 +1,4 @@
-"""``threadline`` command line: run the server, the embedded dev stack, migrations and keys."""
+"""``threadline`` command line: run the server, the embedded dev stack, migrations, keys and UI links."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from threadline.auth.keys import (
     revoke_api_key,
     signing_secret,
 )
+from threadline.auth.tokens import mint_token
 from threadline.config import DEV_ENDPOINTS_FILE, Settings, sql_dir
 from threadline.db import MigrationError, apply_migrations
 from threadline.logs import configure_logging
@@ -131,6 +133,33 @@ async def _env(args: argparse.Namespace, settings: Settings) -> None:
         print(json.dumps(out))
 
 
+UI_LINK_SCOPES = ("read:sessions",)
+
+
+async def _ui_link(args: argparse.Namespace, settings: Settings) -> None:
+    """Print a link to /ui that signs in with a short-lived read-only token. The token rides in
+    the URL fragment, which browsers never send to a server; the page moves it to sessionStorage."""
+    if not 60 <= args.ttl <= settings.session_token_max_ttl_seconds:
+        raise SystemExit(f"error: --ttl must be 60 to {settings.session_token_max_ttl_seconds} seconds")
+    async with _connect(settings) as conn:
+        await apply_migrations(conn)
+        environment = await bootstrap_environment(
+            conn, organization=args.org, project=args.project, environment=args.env
+        )
+        secret = await signing_secret(conn, environment.id)
+    token, exp = mint_token(
+        secret=secret,
+        environment_id=environment.id,
+        scopes=UI_LINK_SCOPES,
+        ttl_seconds=args.ttl,
+        subject="ui-link",
+    )
+    base = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    print(f"{base}/ui#token={token}")
+    expires = datetime.fromtimestamp(exp, UTC).isoformat(timespec="seconds")
+    print(f"read-only (list, get, live tail) until {expires}; anyone with the link can read", file=sys.stderr)
+
+
 def _serve(settings: Settings) -> None:
     from threadline.api.app import uvicorn_config
 
@@ -176,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tenancy_args(
         env_commands.add_parser("signing-secret", help="print the environment's JWT signing secret (HS256)")
     )
+
+    ui_link = commands.add_parser(
+        "ui-link", help="print a link to the session browser carrying a short-lived read-only token"
+    )
+    ui_link.add_argument("--ttl", type=int, default=3600, help="token lifetime in seconds (default 3600)")
+    ui_link.add_argument("--url", default=None, help="the server's base URL (default http://HOST:PORT)")
+    _add_tenancy_args(ui_link)
     return parser
 
 
@@ -204,5 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             asyncio.run(_keys(args, _settings()))
         elif args.command == "env":
             asyncio.run(_env(args, _settings()))
+        elif args.command == "ui-link":
+            asyncio.run(_ui_link(args, _settings()))
     except MigrationError as exc:
         raise SystemExit(f"error: {exc}") from None
