@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 
 .PHONY: install peer-install run test test-unit lint typecheck check bench bench-quick bench-sessions bench-sdk client-install-check clean
 
-install: $(VENV)/.installed conformance/node_modules/.installed
+install: $(VENV)/.installed conformance/node_modules/.installed ui-tests/node_modules/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(VENV)/.installed: pyproject.toml
 # The Durable Streams conformance suite (Node), run by tests/test_conformance.py.
 conformance/node_modules/.installed: conformance/package-lock.json
 	npm ci --prefix conformance --no-audit --no-fund --loglevel=error
+	touch $@
+
+# puppeteer-core for the browser tests (tests/test_ui.py); the browser is Debian's chromium (.ci/run).
+ui-tests/node_modules/.installed: ui-tests/package-lock.json
+	npm ci --prefix ui-tests --no-audit --no-fund --loglevel=error
 	touch $@
 
 ## The Durable Streams reference server (Node) for comparison benchmarks: bench/peer/server.mjs

@@ -1,6 +1,6 @@
 """``threadline`` command line.
 
-Server commands (``dev``, ``serve``, ``migrate``, ``keys``, ``env``) need the server's dependencies
+Server commands (``dev``, ``serve``, ``migrate``, ``keys``, ``env``, ``ui-link``) need the server's dependencies
 (``pip install 'threadline[server]'``) and live in :mod:`threadline.server_cli`, imported only when
 one runs. Client commands (``sessions``, ``tail``, ``append``, ``streams``) talk to a server over
 HTTP with the SDK alone and live in :mod:`threadline.client._cli`.
@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tenancy_args(
         env_commands.add_parser("signing-secret", help="print the environment's JWT signing secret (HS256)")
     )
+    ui_link = commands.add_parser(
+        "ui-link", help="print a link to the session browser carrying a short-lived read-only token"
+    )
+    ui_link.add_argument("--ttl", type=int, default=3600, help="token lifetime in seconds (default 3600)")
+    ui_link.add_argument("--url", default=None, help="the server's base URL (default http://HOST:PORT)")
+    _add_tenancy_args(ui_link)
     add_client_commands(commands)
     return parser
 

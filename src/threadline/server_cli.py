@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -23,6 +24,7 @@ from threadline.auth.keys import (
     revoke_api_key,
     signing_secret,
 )
+from threadline.auth.tokens import mint_token
 from threadline.config import DEV_ENDPOINTS_FILE, Settings, sql_dir
 from threadline.db import MigrationError, apply_migrations
 from threadline.logs import configure_logging
@@ -131,6 +133,34 @@ async def _env(args: argparse.Namespace, settings: Settings) -> None:
         print(json.dumps(out))
 
 
+# What a browser link may do: list, get and tail every session of the environment, nothing else.
+UI_LINK_SCOPES = ["read:sessions"]
+
+
+async def _ui_link(args: argparse.Namespace, settings: Settings) -> None:
+    """Print a link to /ui that signs in with a short-lived read-only token. The token rides in
+    the URL fragment, which browsers never send to a server; the page moves it to sessionStorage."""
+    if not 60 <= args.ttl <= settings.session_token_max_ttl_seconds:
+        raise SystemExit(f"error: --ttl must be 60 to {settings.session_token_max_ttl_seconds} seconds")
+    async with _connect(settings) as conn:
+        await apply_migrations(conn)
+        environment = await bootstrap_environment(
+            conn, organization=args.org, project=args.project, environment=args.env
+        )
+        secret = await signing_secret(conn, environment.id)
+    token, exp = mint_token(
+        secret=secret,
+        environment_id=environment.id,
+        scopes=UI_LINK_SCOPES,
+        ttl_seconds=args.ttl,
+        subject="ui-link",
+    )
+    base = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    print(f"{base}/ui#token={token}")
+    expires = datetime.fromtimestamp(exp, UTC).isoformat(timespec="seconds")
+    print(f"read-only (list, get, live tail) until {expires}; anyone with the link can read", file=sys.stderr)
+
+
 def _serve(settings: Settings) -> None:
     from threadline.api.app import uvicorn_config
 
@@ -159,6 +189,8 @@ def run_server_command(args: argparse.Namespace) -> None:
             asyncio.run(_migrate(_settings()))
         elif args.command == "keys":
             asyncio.run(_keys(args, _settings()))
+        elif args.command == "ui-link":
+            asyncio.run(_ui_link(args, _settings()))
         elif args.command == "env":
             asyncio.run(_env(args, _settings()))
     except MigrationError as exc:

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Router
 
 from threadline import __version__
-from threadline.api import health, openapi, realtime, sessions, streams
+from threadline.api import health, openapi, realtime, sessions, streams, ui
 from threadline.api.middleware import RequestObservabilityMiddleware, SecurityHeadersMiddleware
 from threadline.api.state import AppState
 from threadline.auth.authenticator import Authenticator
@@ -192,7 +192,14 @@ def create_app(settings: Settings) -> Starlette:
             await pool.close()
 
     router = Router(
-        routes=[*sessions.routes, *streams.routes, *realtime.routes, *health.routes, *openapi.routes]
+        routes=[
+            *sessions.routes,
+            *streams.routes,
+            *realtime.routes,
+            *health.routes,
+            *openapi.routes,
+            *ui.routes,
+        ]
     )
     app = Starlette(
         routes=router.routes,

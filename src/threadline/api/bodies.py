@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 
 from threadline.errors import InvalidJson, PayloadTooLarge, ValidationFailed
 
-__all__ = ["MAX_JSON_BODY_BYTES", "MAX_JSON_DEPTH", "read_body", "read_model"]
+__all__ = ["MAX_JSON_BODY_BYTES", "MAX_JSON_DEPTH", "TrimBody", "read_body", "read_model"]
 
 MAX_JSON_BODY_BYTES = 32 * 1024
 # Request bodies are small objects; deeper nesting is a mistake or an attack on the parser.
@@ -95,3 +95,13 @@ def _check_storable(data: Any) -> None:
                 pending.append((item, f"{path}.{key}" if path else key, depth + 1))
         elif isinstance(value, list):
             pending.extend((item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value))
+
+
+class TrimBody(BaseModel):
+    """``POST /api/v1/streams/trim`` (here, not in the route module, so the OpenAPI document can
+    describe it without importing a route module)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    stream: str = Field(description="Stream name below /v1/stream/, e.g. sessions/<id>/out")
+    before: str = Field(description="Records before this offset are removed; -1 is a no-op, now the tail")

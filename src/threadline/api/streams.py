@@ -23,12 +23,11 @@ from functools import partial
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from threadline.api.bodies import read_body, read_model
+from threadline.api.bodies import TrimBody, read_body, read_model
 from threadline.api.params import STREAM_PREFIX, flag_header, integer_header, producer_headers, query_offset
 from threadline.api.sse import event_stream, sse_event
 from threadline.api.state import app_state
@@ -347,13 +346,6 @@ async def delete_stream_route(request: Request) -> Response:
 
 
 # --- Trim (a Threadline extension; the protocol has no retention verb) ----------------------
-
-
-class TrimBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    stream: str = Field(description="Stream name below /v1/stream/, e.g. sessions/<id>/out")
-    before: str = Field(description="Records before this offset are removed; -1 is a no-op, now the tail")
 
 
 async def trim_route(request: Request) -> Response:
