@@ -1,6 +1,6 @@
 """``threadline`` command line.
 
-Server commands (``dev``, ``serve``, ``migrate``, ``keys``, ``env``, ``ui-link``) need the server's dependencies
+Server commands (``dev``, ``serve``, ``migrate``, ``replication``, ``keys``, ``env``, ``ui-link``) need the server's dependencies
 (``pip install 'threadline[server]'``) and live in :mod:`threadline.server_cli`, imported only when
 one runs. Client commands (``sessions``, ``tail``, ``append``, ``streams``) talk to a server over
 HTTP with the SDK alone and live in :mod:`threadline.client._cli`.
@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("serve", help="run the server against THREADLINE_* configured services")
     commands.add_parser("migrate", help="apply Postgres migrations and the ClickHouse schema")
+    replication = commands.add_parser("replication", help="the ClickHouse mirror's replication slot")
+    replication_commands = replication.add_subparsers(dest="replication_command", required=True)
+    replication_commands.add_parser(
+        "status", help="slot position, retained WAL and whether it is still valid"
+    )
+    replication_commands.add_parser(
+        "reset", help="drop the slot: the leading consumer recreates it and copies every session again"
+    )
 
     keys = commands.add_parser("keys", help="manage secret API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,6 +59,40 @@ async def _connect(settings: Settings) -> AsyncIterator[asyncpg.Connection[Any]]
         yield conn
     finally:
         await conn.close()
+
+
+async def _replication(args: argparse.Namespace, settings: Settings) -> None:
+    """``status`` prints the slot; ``reset`` drops it. Dropping is safe at any time: the mirror's
+    backfill marker is cleared first, so lists come from Postgres until the leading consumer has
+    recreated the slot and copied every session again (deletes included)."""
+    from threadline.replication import SLOT
+    from threadline.replication.progress import slot_status
+
+    async with _connect(settings) as conn:
+        if args.replication_command == "reset":
+            await conn.execute(
+                "UPDATE replication_state SET backfilled_at = NULL, backfill_lsn = NULL, updated_at = now() "
+                "WHERE slot_name = $1",
+                SLOT,
+            )
+            for attempt in range(50):  # the consumer holds the slot only while it reads it
+                try:
+                    dropped = await conn.fetchval(
+                        "SELECT count(*) FROM (SELECT pg_drop_replication_slot(slot_name) "
+                        "FROM pg_replication_slots WHERE slot_name = $1) AS d",
+                        SLOT,
+                    )
+                    break
+                except asyncpg.ObjectInUseError:
+                    if attempt == 49:
+                        raise SystemExit(f"error: slot {SLOT} stayed in use; try again") from None
+                    await asyncio.sleep(0.1)
+            print(
+                f"slot {SLOT} " + ("dropped" if dropped else "did not exist") + "; the consumer recreates it"
+            )
+            return
+        status = await slot_status(conn)
+    print(json.dumps({"slot": SLOT, **(asdict(status) if status else {"exists": False})}))
 
 
 async def _migrate(settings: Settings) -> None:
@@ -185,6 +220,8 @@ def run_server_command(args: argparse.Namespace) -> None:
             sys.exit(run_dev(settings, fresh=args.fresh))
         elif args.command == "serve":
             _serve(base)
+        elif args.command == "replication":
+            asyncio.run(_replication(args, _settings()))
         elif args.command == "migrate":
             asyncio.run(_migrate(_settings()))
         elif args.command == "keys":

@@ -55,6 +55,9 @@ async def _replication(state: AppState) -> dict[str, Any]:
         "slotExists": status is not None,
         "confirmedLsn": status.confirmed_lsn if status else None,
         "lagBytes": status.lag_bytes if status else None,
+        "retainedWalBytes": status.retained_wal_bytes if status else None,
+        "walStatus": status.wal_status if status else None,
+        "safeWalBytes": status.safe_wal_bytes if status else None,
         "thisInstanceLeads": bool(consumer and consumer.is_leader),
     }
     if consumer is not None and consumer.is_leader:

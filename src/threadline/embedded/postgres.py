@@ -17,6 +17,7 @@ import shutil
 import signal
 import stat
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote
 
@@ -48,6 +49,10 @@ SETTINGS = {
     "wal_level": "logical",
     "max_replication_slots": "10",
     "max_wal_senders": "10",
+    # A replication slot nobody confirms (ClickHouse down for hours, replication off everywhere)
+    # may hold this much WAL, no more: past it Postgres invalidates the slot rather than fill the
+    # disk, and the consumer recreates it and copies the sessions again.
+    "max_slot_wal_keep_size": "1GB",
     "shared_buffers": "128MB",
     "max_connections": "200",
     "fsync": "on",
@@ -144,8 +149,10 @@ class EmbeddedPostgres:
         password: str,
         log_path: Path,
         bin_dir: Path | None = None,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         self.root = root
+        self.settings = {**SETTINGS, **(settings or {})}
         self.port = port
         self.password = password
         self.log_path = log_path
@@ -182,7 +189,7 @@ class EmbeddedPostgres:
         if len(f"{socket_dir}/.s.PGSQL.{self.port}") > _UNIX_SOCKET_PATH_MAX:
             logger.info("data dir path too long for a Unix socket; Postgres listens on TCP only")
             socket_dir = ""
-        settings = {**SETTINGS, "unix_socket_directories": socket_dir}
+        settings = {**self.settings, "unix_socket_directories": socket_dir}
         argv = [
             *self._prefix(signal.SIGINT),
             str(self.bin_dir / "postgres"),

@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,9 +103,13 @@ class _Service(Protocol):
 class EmbeddedStack:
     """Postgres, S3 and ClickHouse under ``data_dir``; ``fresh=True`` wipes it first."""
 
-    def __init__(self, data_dir: Path, *, fresh: bool = False) -> None:
+    def __init__(
+        self, data_dir: Path, *, fresh: bool = False, postgres_settings: Mapping[str, str] | None = None
+    ) -> None:
         self.data_dir = Path(data_dir).expanduser().absolute()
         self.fresh = fresh
+        # Overrides of the embedded Postgres settings (tests: a tiny max_slot_wal_keep_size).
+        self.postgres_settings = dict(postgres_settings or {})
         self._services: dict[ServiceName, _Service] = {}
         self._endpoints: StackEndpoints | None = None
         self._lock_fd: int | None = None
@@ -284,7 +289,11 @@ class EmbeddedStack:
         s3_ports = S3Ports.allocate(exclude={pg_port})
         ch_port = free_port(exclude={pg_port, *s3_ports.all()})
         postgres = EmbeddedPostgres(
-            d / "postgres", port=pg_port, password=creds.postgres_password, log_path=logs / "postgres.log"
+            d / "postgres",
+            port=pg_port,
+            password=creds.postgres_password,
+            log_path=logs / "postgres.log",
+            settings=self.postgres_settings,
         )
         s3 = EmbeddedS3(
             d / "s3",

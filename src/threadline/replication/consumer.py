@@ -43,6 +43,7 @@ from threadline.replication.pgoutput import (
     parse_lsn,
     row_values,
 )
+from threadline.replication.progress import slot_status
 from threadline.sessions.fields import SESSIONS_V1_COLUMNS
 from threadline.storage.clickhouse import (
     AsyncClient,
@@ -81,6 +82,13 @@ FLUSH_SECONDS = Histogram(
 )
 FLUSH_FAILURES = Counter("threadline_replication_flush_failures_total", "Failed ClickHouse inserts (retried)")
 BACKFILLED = Counter("threadline_replication_backfilled_rows_total", "Sessions copied by backfills")
+RETAINED_WAL_BYTES = Gauge(
+    "threadline_replication_retained_wal_bytes", "WAL Postgres keeps for the slot (leader's last reading)"
+)
+SLOT_RECREATED = Counter(
+    "threadline_replication_slot_recreated_total", "Slots found invalidated by Postgres and recreated"
+)
+_RETAINED_WAL_INTERVAL = 5.0
 
 
 @dataclass(slots=True)
@@ -174,6 +182,7 @@ class ReplicationConsumer:
         self.is_leader = False
         self.confirmed_lsn: int | None = None
         self.lag_seconds = 0.0  # age of the oldest commit not yet in ClickHouse (leader only)
+        self._retained_reported_at = 0.0
 
     async def run(self) -> None:
         """Lead or stand by, forever; any failure drops leadership and starts over."""
@@ -235,8 +244,18 @@ class ReplicationConsumer:
         await apply_clickhouse_schema(clickhouse, sql_dir("clickhouse_schema"))  # idempotent
         if not await conn.fetchval("SELECT 1 FROM pg_publication WHERE pubname = $1", PUBLICATION):
             await conn.execute(f"CREATE PUBLICATION {PUBLICATION} FOR TABLE sessions")
-        slot_exists = await conn.fetchval("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", SLOT)
-        if not slot_exists:
+        status = await slot_status(conn)
+        if status is not None and status.lost:
+            # Postgres invalidated the slot (it held more WAL than max_slot_wal_keep_size while
+            # nobody confirmed it): the changes in between are gone. Start over with a new slot
+            # and a full copy; lists come from Postgres until that copy is done.
+            logger.warning(
+                "replication slot was invalidated; recreating it and copying again", extra={"slot": SLOT}
+            )
+            SLOT_RECREATED.inc()
+            await conn.execute("SELECT pg_drop_replication_slot($1)", SLOT)
+            status = None
+        if status is None:
             # Forget any earlier backfill first: if we die after creating the slot, the next
             # leader must copy again, not trust rows from a slot that no longer exists.
             await conn.execute(
@@ -279,6 +298,9 @@ class ReplicationConsumer:
             if batch:
                 await self._insert(clickhouse, batch)
                 copied += len(batch)
+            # A copy after a lost slot (or a reset) must also hide sessions deleted meanwhile:
+            # their deletes were in the WAL that is gone. Same snapshot, same version.
+            tombstones = await self._tombstones(conn, clickhouse, version)
         with clickhouse_errors("writing the backfill marker"):
             await clickhouse.insert(
                 "replication_state",
@@ -296,13 +318,60 @@ class ReplicationConsumer:
             "replication backfill done",
             extra={
                 "rows": copied,
+                "tombstones": tombstones,
                 "seconds": round(time.perf_counter() - started, 3),
                 "version": format_lsn(version),
             },
         )
 
+    async def _tombstones(self, conn: asyncpg.Connection[Any], clickhouse: AsyncClient, version: int) -> int:
+        """Mark deleted every session ClickHouse shows that the backfill snapshot does not have.
+        Runs inside the backfill's snapshot; returns how many it marked."""
+        marked = 0
+        after = ""
+        while True:
+            with clickhouse_errors("listing mirrored sessions"):
+                result = await clickhouse.query(
+                    f"SELECT {', '.join(COLUMNS)} FROM sessions_v1 FINAL"
+                    " WHERE _is_deleted = 0 AND session_id > {after:String}"
+                    " ORDER BY session_id LIMIT {limit:UInt32}",
+                    parameters={"after": after, "limit": self._batch_rows},
+                )
+            rows = [dict(zip(COLUMNS, row, strict=True)) for row in result.result_rows]
+            if not rows:
+                return marked
+            after = str(rows[-1]["session_id"])
+            present = {
+                record["id"]
+                for record in await conn.fetch(
+                    "SELECT id FROM sessions WHERE id = ANY($1::text[])", [row["session_id"] for row in rows]
+                )
+            }
+            gone = [row for row in rows if row["session_id"] not in present]
+            if gone:
+                for row in gone:
+                    row["_version"], row["_is_deleted"] = version, 1
+                with clickhouse_errors("marking deleted sessions"):
+                    await clickhouse.insert(
+                        "sessions_v1",
+                        [[row[column] for column in COLUMNS] for row in gone],
+                        column_names=COLUMNS,
+                    )
+                marked += len(gone)
+
+    async def _report_retained_wal(self, conn: asyncpg.Connection[Any]) -> None:
+        """The WAL the slot makes Postgres keep: what fills the disk if nobody confirms it."""
+        now = time.monotonic()
+        if now - self._retained_reported_at < _RETAINED_WAL_INTERVAL:
+            return
+        self._retained_reported_at = now
+        status = await slot_status(conn)
+        if status is not None and status.retained_wal_bytes is not None:
+            RETAINED_WAL_BYTES.set(status.retained_wal_bytes)
+
     async def _consume(self, conn: asyncpg.Connection[Any], clickhouse: AsyncClient) -> None:
         while True:
+            await self._report_retained_wal(conn)
             flush_before = parse_lsn(await conn.fetchval("SELECT pg_current_wal_flush_lsn()::text"))
             try:
                 records = await conn.fetch(

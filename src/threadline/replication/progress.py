@@ -32,19 +32,33 @@ async def replicated_lsn(conn: Conn, *, slot: str = SLOT) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class SlotStatus:
-    confirmed_lsn: str
-    lag_bytes: int  # WAL between the flush position and what the consumer confirmed
+    confirmed_lsn: str | None  # None once Postgres invalidated the slot
+    lag_bytes: int | None  # WAL between the flush position and what the consumer confirmed
+    retained_wal_bytes: int | None  # WAL Postgres keeps for the slot (what fills the disk)
+    # reserved / extended: fine; unreserved: about to be invalidated; lost: invalidated.
+    wal_status: str | None
+    safe_wal_bytes: int | None  # WAL that may still be written before it is invalidated
+
+    @property
+    def lost(self) -> bool:
+        return self.wal_status == "lost"
 
 
 async def slot_status(conn: Conn, *, slot: str = SLOT) -> SlotStatus | None:
     """Where the slot stands, or None if it does not exist (yet)."""
     row = await conn.fetchrow(
         """SELECT confirmed_flush_lsn::text AS confirmed,
-                  pg_wal_lsn_diff(pg_current_wal_flush_lsn(), confirmed_flush_lsn)::bigint AS lag_bytes
+                  pg_wal_lsn_diff(pg_current_wal_flush_lsn(), confirmed_flush_lsn)::bigint AS lag_bytes,
+                  pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained,
+                  wal_status, safe_wal_size
            FROM pg_replication_slots WHERE slot_name = $1""",
         slot,
     )
-    return None if row is None else SlotStatus(row["confirmed"], row["lag_bytes"])
+    if row is None:
+        return None
+    return SlotStatus(
+        row["confirmed"], row["lag_bytes"], row["retained"], row["wal_status"], row["safe_wal_size"]
+    )
 
 
 async def mirror_ready(conn: Conn, *, slot: str = SLOT) -> bool:
