@@ -28,6 +28,8 @@ from threadline.client import (
     ClientClosed,
     ConnectionFailed,
     ExternalIdConflict,
+    ForkedFrom,
+    InvalidForkOffset,
     InvalidOffset,
     Record,
     RequestTimedOut,
@@ -275,6 +277,36 @@ def test_stand_alone_streams_and_forks(tl: Threadline) -> None:
         fork.read()
 
 
+def test_session_forks_and_lineage_filters(tl: Threadline) -> None:
+    kind = unique("sdk-fork")
+    root = tl.sessions.create(kind, tags=["t"], metadata={"m": 1})
+    assert (root.forked_from, root.root_id) == (None, root.id)
+    root.out.append(["a", "b", "c"])
+    root.in_.append("q")
+    middle = root.out.read().records[1].offset  # after "b"
+
+    fork = tl.sessions.fork(root.id, out_offset=middle, external_id=unique("branch"), tags=["f"])
+    assert fork.forked_from == ForkedFrom(root.id, middle, "0000000000000000_0000000000000001")
+    assert (fork.root_id, fork.type, fork.tags, fork.metadata) == (root.id, kind, ("f",), {"m": 1})
+    assert fork.lsn is not None
+    fork.out.append("z")
+    assert [r.value for r in fork.out.read().records] == ["a", "b", "z"]
+    assert [r.value for r in fork.in_.read().records] == ["q"]
+    # A retried fork with the same externalId is the same fork.
+    assert tl.sessions.fork(root.id, out_offset=middle, external_id=fork.external_id).id == fork.id
+    grandchild = tl.sessions.fork(fork.id)
+    assert grandchild.root_id == root.id
+    assert grandchild.forked_from is not None
+    assert grandchild.forked_from.session == fork.id
+
+    lsn = grandchild.lsn
+    assert {s.id for s in tl.sessions.list(root_id=root.id, min_lsn=lsn)} == {root.id, fork.id, grandchild.id}
+    assert [s.id for s in tl.sessions.list(forked_from=[fork.id], min_lsn=lsn)] == [grandchild.id]
+    assert tl.sessions.count(type=kind, forked_from=root.id, min_lsn=lsn).count == 1
+    with pytest.raises(InvalidForkOffset):
+        tl.sessions.fork(root.id, in_offset="0000000000000000_0000000000000009")
+
+
 def test_client_lifecycle_and_configuration_from_the_environment(
     base_url: str, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -314,6 +346,10 @@ def test_the_async_client_does_everything_the_sync_one_does(base_url: str, tenan
             assert (await client.sessions.count(type="async", min_lsn=session.lsn)).count >= 1
             ids = [s.id async for s in client.sessions.list(type="async", page_size=1, min_lsn=session.lsn)]
             assert session.id in ids
+            fork = await client.sessions.fork(session.id, type="async-fork")
+            assert (fork.type, fork.root_id) == ("async-fork", session.id)
+            forks = client.sessions.list(forked_from=session.id, root_id=session.id, min_lsn=fork.lsn)
+            assert [s.id async for s in forks] == [fork.id]
 
             async with session.out.writer(linger_ms=1) as writer:
                 for i in range(50):

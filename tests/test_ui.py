@@ -112,6 +112,7 @@ def test_session_browser_in_chromium(
         json=[{"n": i, "role": "agent", "text": f"record {i}"} for i in range(RECORDS)],
     )
     assert appended.json()["records"] == RECORDS
+    fork = client.post(f"/api/v1/sessions/{main['id']}/fork", json={"outOffset": f"{0:016d}_{3:016d}"}).json()
     # The list the browser asks for (without minLsn) must already see every session.
     eventually(
         lambda: (
@@ -135,6 +136,7 @@ def test_session_browser_in_chromium(
         "tag": tag,
         "taggedIds": tagged,
         "sessionId": main["id"],
+        "forkId": fork["id"],
         "records": RECORDS,
         "tailTimeout": 2,
         "uiLink": _ui_link(settings, base_url),
@@ -182,6 +184,10 @@ def test_session_browser_in_chromium(
     assert seen["mintedToken"] is True
     # Closed from the page.
     assert seen["closedStatus"] == "CLOSED"
+    assert seen["rootLineage"] == "this session"
+    assert seen["forkedFrom"] == f"{main['id']} at out {0:016d}_{3:016d}, in {0:016d}_{0:016d}"
+    assert seen["forkParentHref"] == f"#/session/{main['id']}"
+    assert seen["forkRootId"] == main["id"]
     assert seen["closeDisabled"] is True
     assert client.get(f"/api/v1/sessions/{main['id']}").json()["status"] == "CLOSED"
     # A phone-sized screen does not scroll sideways.

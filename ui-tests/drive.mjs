@@ -174,6 +174,14 @@ try {
   await page.waitForFunction(() => document.querySelector('dd[data-field="status"]')?.textContent === "CLOSED", { timeout: WAIT });
   out.closedStatus = await page.$eval('dd[data-field="status"]', (el) => el.textContent);
   out.closeDisabled = await page.$eval("#close-session", (el) => el.disabled);
+  out.rootLineage = await page.$eval('dd[data-field="rootId"]', (el) => el.textContent);
+
+  step = "a fork's page shows its lineage, linked to the parent";
+  await page.goto(`${plan.baseUrl}/ui#/session/${plan.forkId}`, { waitUntil: "load" });
+  await page.waitForSelector('dd[data-field="forkedFrom"] a', { timeout: WAIT });
+  out.forkedFrom = await page.$eval('dd[data-field="forkedFrom"]', (el) => el.textContent);
+  out.forkParentHref = await page.$eval('dd[data-field="forkedFrom"] a', (el) => el.getAttribute("href"));
+  out.forkRootId = await page.$eval('dd[data-field="rootId"]', (el) => el.textContent);
 
   step = "phone-sized viewport";
   await page.setViewport({ width: 390, height: 844, isMobile: true });

@@ -242,6 +242,51 @@ def test_any_of_conditions_per_dialect() -> None:
     ]
 
 
+def test_root_id_matches_roots_by_their_own_id_in_both_dialects() -> None:
+    filters = SessionFilters(any_of={"rootId": ("session_r",), "forkedFrom": ("session_p",)})
+    pg, ch = PostgresParams(NOW, ["env"]), ClickHouseParams(NOW)
+    assert filter_conditions(filters, pg) == [
+        "s.forked_from = ANY($2::text[])",
+        "(s.root_id = ANY($3::text[]) OR (s.root_id IS NULL AND s.id = ANY($3::text[])))",
+    ]
+    assert filter_conditions(filters, ch) == [
+        "has({forkedFrom:Array(String)}, forked_from)",
+        "(has({rootId:Array(String)}, root_id) OR (root_id = '' AND has({rootId:Array(String)}, session_id)))",
+    ]
+
+
+def _root_id_matches(row_id: str, root_id: str | None, values: tuple[str, ...]) -> bool:
+    """Evaluate the Postgres rootId condition with SQLite (``ANY`` spelled as ``IN``)."""
+    sql = PostgresParams(NOW)
+    condition = filter_conditions(SessionFilters(any_of={"rootId": values}), sql)[0]
+    marks = ", ".join("?" for _ in values)
+    condition = re.sub(r"= ANY\(\$1::text\[\]\)", f"IN ({marks})", condition).replace("s.", "")
+    db = sqlite3.connect(":memory:")
+    try:
+        db.execute("CREATE TABLE s (id TEXT, root_id TEXT)")
+        db.execute("INSERT INTO s VALUES (?, ?)", (row_id, root_id))
+        found = db.execute(f"SELECT count(*) FROM s WHERE {condition}", [*values, *values]).fetchone()
+        return found == (1,)
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(
+    ("row_id", "root_id", "values", "matches"),
+    [
+        ("r", None, ("r",), True),  # a root is in its own tree
+        ("f", "r", ("r",), True),  # a fork is in its root's tree
+        ("f", "r", ("f",), False),  # ... and not in a tree rooted at its own id
+        ("r", None, ("x",), False),
+        ("f", "r", ("x", "r"), True),
+    ],
+)
+def test_root_id_condition_is_the_rendered_root_id(
+    row_id: str, root_id: str | None, values: tuple[str, ...], matches: bool
+) -> None:
+    assert _root_id_matches(row_id, root_id, values) is matches
+
+
 def test_clickhouse_timestamps_travel_as_microseconds() -> None:
     at = datetime(2026, 1, 1, 0, 0, 0, 123456, tzinfo=UTC)
     ch = ClickHouseParams(NOW)
@@ -434,12 +479,22 @@ def test_mirror_row_values() -> None:
         NOW,
         7,
         0,
+        "",
+        None,
+        None,
+        "",
     ]
+    fork = SessionRow(
+        _pg_row(forked_from="session_0", fork_out_offset=3, fork_in_offset=0, root_id="session_r"),
+        8,
+        deleted=False,
+    ).as_clickhouse()
+    assert fork[COLUMNS.index("forked_from") :] == ["session_0", 3, 0, "session_r"]
     # Backfill reads jsonb as text and a delete may carry no tags: the same canonical values.
     deleted = SessionRow(_pg_row(metadata='{"k": [1, "é"]}', tags=None), 9, deleted=True).as_clickhouse()
     assert deleted[COLUMNS.index("metadata")] == '{"k":[1,"\\u00e9"]}'
     assert deleted[COLUMNS.index("tags")] == []
-    assert deleted[-2:] == [9, 1]
+    assert [deleted[COLUMNS.index("_version")], deleted[COLUMNS.index("_is_deleted")]] == [9, 1]
 
 
 @pytest.mark.parametrize("param", [*(f.param for f in ANY_OF_FILTERS), "filter[status]", "sort"])

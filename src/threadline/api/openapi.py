@@ -64,7 +64,13 @@ from threadline.errors import (
     api_error_classes,
 )
 from threadline.sessions.fields import FILTER_PARAMS, STATUSES
-from threadline.sessions.models import CloseSessionBody, CreateSessionBody, MintTokenBody, PatchSessionBody
+from threadline.sessions.models import (
+    CloseSessionBody,
+    CreateSessionBody,
+    ForkSessionBody,
+    MintTokenBody,
+    PatchSessionBody,
+)
 from threadline.ui import asset_url
 
 __all__ = ["build_openapi", "routes"]
@@ -333,6 +339,20 @@ _SESSION_SCHEMA = {
             "type": "object",
             "properties": {"out": {"$ref": f"{_SCHEMAS}Channel"}, "in": {"$ref": f"{_SCHEMAS}Channel"}},
         },
+        "forkedFrom": {
+            "type": ["object", "null"],
+            "description": "For a fork: its parent and the parent's channel offsets it forked at. "
+            "Null for a root session.",
+            "properties": {
+                "session": {"type": "string", "description": "The parent session's id."},
+                "outOffset": {"type": "string"},
+                "inOffset": {"type": "string"},
+            },
+        },
+        "rootId": {
+            "type": "string",
+            "description": "The first session of this one's fork tree: a root's own id.",
+        },
     },
 }
 _SESSION_PAGE_SCHEMA = {
@@ -415,6 +435,7 @@ def _schemas() -> dict[str, Any]:
         CreateSessionBody,
         PatchSessionBody,
         CloseSessionBody,
+        ForkSessionBody,
         MintTokenBody,
         TrimBody,
     ]
@@ -546,6 +567,38 @@ def _sessions_paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json_ok("The closed session (a second close returns the first)", _SESSION, lsn),
                     **_errors(*_BODY_ERRORS, SessionNotFound, *_SERVICE_ERRORS),
+                },
+            },
+        },
+        f"{session_path}/fork": {
+            "parameters": [_SESSION_PARAM],
+            "post": {
+                "tags": ["Sessions"],
+                "operationId": "forkSession",
+                "summary": "Fork a session: a new session whose channels continue the parent's",
+                "description": "The new session's `out` and `in` are stream forks of the parent's at "
+                "`outOffset` / `inOffset` (default: each channel's tail; `-1` is the first kept "
+                "record, `now` the tail): they read the parent's records before those offsets, then "
+                "their own appends. No record is copied. Absent `type`, `tags` and `metadata` are "
+                "the parent's (`taskIdentifier` always is); the fork is open with no expiry, even "
+                "when the parent is closed. An offset outside the parent channel's kept range is 400 "
+                "`invalid_fork_offset`. With an `externalId` that already names a fork of this "
+                "parent (at the offsets given), 200 with it; another session with it is 409 "
+                "`external_id_conflict`. Needs environment-wide write scope, as create does.",
+                "requestBody": _body(ForkSessionBody, required=False),
+                "responses": {
+                    "201": _json_ok("The new session", _SESSION, lsn),
+                    "200": _json_ok("The existing fork with this externalId", _SESSION, lsn),
+                    **_errors(
+                        *_BODY_ERRORS,
+                        InvalidOffset,
+                        OffsetOutOfRange,
+                        InvalidForkOffset,
+                        SessionNotFound,
+                        SessionClosed,
+                        ExternalIdConflict,
+                        *_SERVICE_ERRORS,
+                    ),
                 },
             },
         },

@@ -1,4 +1,4 @@
-"""Sessions REST API (SPEC §3): create, get, patch, close, list, count, mint tokens."""
+"""Sessions REST API (SPEC §3): create, get, patch, close, fork, list, count, mint tokens."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from threadline.sessions.listing import parse_count_query, parse_list_query
 from threadline.sessions.models import (
     CloseSessionBody,
     CreateSessionBody,
+    ForkSessionBody,
     MintTokenBody,
     PatchSessionBody,
 )
@@ -96,6 +97,18 @@ async def close_session(request: Request) -> Response:
     return _json(session.to_json(), lsn=lsn)
 
 
+async def fork_session(request: Request) -> Response:
+    # A fork creates a session, so it needs what create needs (environment-wide write), which also
+    # makes the new session usable by the caller; write on the parent follows from it.
+    principal = await _principal(request, Action.WRITE, environment_wide=True)
+    body = await read_model(request, ForkSessionBody, allow_empty=True)
+    async with app_state(request).pool.acquire() as conn:
+        parent = await authorized_session(conn, principal, Action.WRITE, request.path_params["session"])
+        session, created = await repository.fork_session(conn, principal.environment, parent, body)
+        lsn = await repository.current_lsn(conn)
+    return _json(session.to_json(), 201 if created else 200, lsn)
+
+
 def _multi_params(request: Request) -> dict[str, list[str]]:
     params: dict[str, list[str]] = {}
     for key, value in request.query_params.multi_items():
@@ -155,5 +168,6 @@ routes = [
     Route("/api/v1/sessions/{session}", get_session, methods=["GET"], name="sessions:get"),
     Route("/api/v1/sessions/{session}", patch_session, methods=["PATCH"], name="sessions:patch"),
     Route("/api/v1/sessions/{session}/close", close_session, methods=["POST"], name="sessions:close"),
+    Route("/api/v1/sessions/{session}/fork", fork_session, methods=["POST"], name="sessions:fork"),
     Route("/api/v1/sessions/{session}/tokens", mint_session_token, methods=["POST"], name="sessions:tokens"),
 ]

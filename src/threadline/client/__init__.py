@@ -20,6 +20,7 @@ from threadline.client._errors import (
 from threadline.client._models import (
     AppendResult,
     ChannelStats,
+    ForkedFrom,
     ReadResult,
     Record,
     Session,
@@ -42,6 +43,7 @@ __all__ = [
     "AsyncWriter",
     "Channel",
     "ChannelStats",
+    "ForkedFrom",
     "ClientClosed",
     "ClientError",
     "ConnectionFailed",

@@ -57,6 +57,21 @@ class ChannelStats:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ForkedFrom:
+    """Where a forked session came from: its parent and the parent's offsets it forked at."""
+
+    session: str
+    out_offset: str
+    in_offset: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ForkedFrom:
+        return cls(
+            session=str(data["session"]), out_offset=str(data["outOffset"]), in_offset=str(data["inOffset"])
+        )
+
+
 @dataclass(frozen=True)
 class Session(Generic[ChannelT]):
     """A session as the server last described it; ``out`` and ``in_`` are its channel handles.
@@ -79,6 +94,8 @@ class Session(Generic[ChannelT]):
     updated_at: datetime
     last_active_at: datetime
     channels: Mapping[str, ChannelStats]
+    forked_from: ForkedFrom | None = None  # None: a root session
+    root_id: str = ""  # the first session of its fork tree (a root's own id); from_json fills it
     lsn: str | None = field(default=None, compare=False)
     _channel: Callable[[str, Io], ChannelT] | None = field(default=None, repr=False, compare=False)
 
@@ -120,6 +137,8 @@ class Session(Generic[ChannelT]):
             updated_at=_required_datetime(data["updatedAt"]),
             last_active_at=_required_datetime(data["lastActiveAt"]),
             channels={name: ChannelStats.from_json(c) for name, c in (data.get("channels") or {}).items()},
+            forked_from=ForkedFrom.from_json(data["forkedFrom"]) if data.get("forkedFrom") else None,
+            root_id=str(data.get("rootId") or data["id"]),
             lsn=lsn,
             _channel=channel,
         )

@@ -155,6 +155,36 @@ def close_session(ref: str, reason: str | None) -> Request:
     )
 
 
+def fork_session(
+    ref: str,
+    *,
+    out_offset: str | None,
+    in_offset: str | None,
+    external_id: str | None,
+    type: str | None,
+    tags: Sequence[str] | None,
+    metadata: Mapping[str, Any] | None,
+) -> Request:
+    data: dict[str, Any] = {}
+    given = (("outOffset", out_offset), ("inOffset", in_offset), ("externalId", external_id), ("type", type))
+    for name, value in given:
+        if value is not None:
+            data[name] = value
+    if tags is not None:
+        data["tags"] = list(tags)
+    if metadata is not None:
+        data["metadata"] = dict(metadata)
+    body, headers = _json_body(data)
+    # With an externalId a repeated fork answers with the same fork: safe to retry.
+    return Request(
+        "POST",
+        f"/api/v1/sessions/{_segment(ref)}/fork",
+        body=body,
+        headers=headers,
+        idempotent=external_id is not None,
+    )
+
+
 def mint_token(ref: str, *, expires_in_seconds: int | None, scopes: Sequence[str] | None) -> Request:
     data: dict[str, Any] = {}
     if expires_in_seconds is not None:
@@ -175,6 +205,8 @@ class SessionFilters:
     tags: Sequence[str] | None = None
     task_identifier: Sequence[str] | None = None
     external_id: Sequence[str] | None = None
+    forked_from: Sequence[str] | None = None  # forks made directly from these sessions
+    root_id: Sequence[str] | None = None  # every session of these fork trees, roots included
     status: Sequence[Status] | None = None
     period: str | None = None  # "30m", "12h", "7d", "2w"
     created_from: datetime | str | None = None
@@ -188,6 +220,8 @@ class SessionFilters:
             ("tags", self.tags),
             ("taskIdentifier", self.task_identifier),
             ("externalId", self.external_id),
+            ("forkedFrom", self.forked_from),
+            ("rootId", self.root_id),
             ("status", self.status),
         )
         for name, values in lists:

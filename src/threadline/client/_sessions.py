@@ -1,4 +1,4 @@
-"""``client.sessions``: create, get, update, close, list (auto-paging), count, mint_token."""
+"""``client.sessions``: create, get, update, close, fork, list (auto-paging), count, mint_token."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def _filters(
     tags: str | Sequence[str] | None,
     task_identifier: str | Sequence[str] | None,
     external_id: str | Sequence[str] | None,
+    forked_from: str | Sequence[str] | None,
+    root_id: str | Sequence[str] | None,
     status: Status | Sequence[Status] | None,
     period: str | None,
     created_from: datetime | str | None,
@@ -39,6 +41,8 @@ def _filters(
         tags=many(tags),
         task_identifier=many(task_identifier),
         external_id=many(external_id),
+        forked_from=many(forked_from),
+        root_id=many(root_id),
         status=many(status),  # type: ignore[arg-type]
         period=period,
         created_from=created_from,
@@ -114,6 +118,32 @@ class Sessions(_SessionsBase):
         """Close the session and both its channels (a second close returns the first)."""
         return self._session(self._t.send(rq.close_session(session, reason)))
 
+    def fork(
+        self,
+        session: str,
+        *,
+        out_offset: str | None = None,
+        in_offset: str | None = None,
+        external_id: str | None = None,
+        type: str | None = None,
+        tags: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Session[Channel]:
+        """A new session whose ``out``/``in`` continue this one's from ``out_offset``/``in_offset``
+        (default: the tails; offsets as the server returns them, ``-1`` or ``now``), with this
+        one's type, tags and metadata unless given. Nothing is copied; the fork is open even if
+        ``session`` is closed. Needs environment-wide write (a secret key has it)."""
+        request = rq.fork_session(
+            session,
+            out_offset=out_offset,
+            in_offset=in_offset,
+            external_id=external_id,
+            type=type,
+            tags=tags,
+            metadata=metadata,
+        )
+        return self._session(self._t.send(request))
+
     def mint_token(
         self, session: str, *, expires_in_seconds: int | None = None, scopes: Sequence[str] | None = None
     ) -> SessionToken:
@@ -128,6 +158,8 @@ class Sessions(_SessionsBase):
         tags: str | Sequence[str] | None = None,
         task_identifier: str | Sequence[str] | None = None,
         external_id: str | Sequence[str] | None = None,
+        forked_from: str | Sequence[str] | None = None,
+        root_id: str | Sequence[str] | None = None,
         status: Status | Sequence[Status] | None = None,
         period: str | None = None,
         created_from: datetime | str | None = None,
@@ -144,6 +176,8 @@ class Sessions(_SessionsBase):
         tags: str | Sequence[str] | None = None,
         task_identifier: str | Sequence[str] | None = None,
         external_id: str | Sequence[str] | None = None,
+        forked_from: str | Sequence[str] | None = None,
+        root_id: str | Sequence[str] | None = None,
         status: Status | Sequence[Status] | None = None,
         period: str | None = None,
         created_from: datetime | str | None = None,
@@ -216,6 +250,28 @@ class AsyncSessions(_SessionsBase):
     async def close(self, session: str, *, reason: str | None = None) -> Session[AsyncChannel]:
         return self._session(await self._t.send(rq.close_session(session, reason)))
 
+    async def fork(
+        self,
+        session: str,
+        *,
+        out_offset: str | None = None,
+        in_offset: str | None = None,
+        external_id: str | None = None,
+        type: str | None = None,
+        tags: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Session[AsyncChannel]:
+        request = rq.fork_session(
+            session,
+            out_offset=out_offset,
+            in_offset=in_offset,
+            external_id=external_id,
+            type=type,
+            tags=tags,
+            metadata=metadata,
+        )
+        return self._session(await self._t.send(request))
+
     async def mint_token(
         self, session: str, *, expires_in_seconds: int | None = None, scopes: Sequence[str] | None = None
     ) -> SessionToken:
@@ -229,6 +285,8 @@ class AsyncSessions(_SessionsBase):
         tags: str | Sequence[str] | None = None,
         task_identifier: str | Sequence[str] | None = None,
         external_id: str | Sequence[str] | None = None,
+        forked_from: str | Sequence[str] | None = None,
+        root_id: str | Sequence[str] | None = None,
         status: Status | Sequence[Status] | None = None,
         period: str | None = None,
         created_from: datetime | str | None = None,
@@ -245,6 +303,8 @@ class AsyncSessions(_SessionsBase):
         tags: str | Sequence[str] | None = None,
         task_identifier: str | Sequence[str] | None = None,
         external_id: str | Sequence[str] | None = None,
+        forked_from: str | Sequence[str] | None = None,
+        root_id: str | Sequence[str] | None = None,
         status: Status | Sequence[Status] | None = None,
         period: str | None = None,
         created_from: datetime | str | None = None,

@@ -83,7 +83,9 @@ class AnyOfFilter:
 
     ``key`` names the filter in :attr:`SessionFilters.any_of` and as a ClickHouse parameter;
     ``column`` is the same in Postgres ``sessions`` and ClickHouse ``sessions_v1``. With
-    ``array`` the column holds several values and a session matches when they overlap.
+    ``array`` the column holds several values and a session matches when they overlap. With
+    ``own_id_when_unset`` a session whose column is unset (NULL / '') counts as holding its own
+    id: how ``rootId`` is stored (NULL for a root) and rendered (the root's own id).
     """
 
     key: str
@@ -91,6 +93,7 @@ class AnyOfFilter:
     description: str
     array: bool = False
     max_items: int = 100
+    own_id_when_unset: bool = False
 
     @property
     def param(self) -> str:
@@ -108,6 +111,15 @@ ANY_OF_FILTERS: tuple[AnyOfFilter, ...] = (
     AnyOfFilter("tags", "tags", "Comma-separated tags (any of), at most 10.", array=True, max_items=10),
     AnyOfFilter("taskIdentifier", "task_identifier", "Comma-separated task identifiers (any of)."),
     AnyOfFilter("externalId", "external_id", "Comma-separated external ids (any of)."),
+    AnyOfFilter(
+        "forkedFrom", "forked_from", "Comma-separated session ids (any of): forks made directly from them."
+    ),
+    AnyOfFilter(
+        "rootId",
+        "root_id",
+        "Comma-separated session ids (any of): every session of those fork trees, the roots included.",
+        own_id_when_unset=True,
+    ),
 )
 
 # --- Derived status -----------------------------------------------------------------------------
@@ -292,6 +304,15 @@ class SqlParams(ABC):
     def column(self, name: str) -> str: ...
 
     @abstractmethod
+    def unset(self, column: str) -> str:
+        """``column`` (an optional string) holds no value."""
+
+    @property
+    @abstractmethod
+    def id_column(self) -> str:
+        """The session's own id."""
+
+    @abstractmethod
     def texts(self, name: str, values: Sequence[str]) -> str:
         """A placeholder for an array of strings."""
 
@@ -324,6 +345,13 @@ class PostgresParams(SqlParams):
 
     def column(self, name: str) -> str:
         return f"s.{name}"
+
+    def unset(self, column: str) -> str:
+        return f"{column} IS NULL"
+
+    @property
+    def id_column(self) -> str:
+        return "s.id"
 
     def texts(self, name: str, values: Sequence[str]) -> str:
         return f"{self.bind(list(values))}::text[]"
@@ -359,6 +387,13 @@ class ClickHouseParams(SqlParams):
     def column(self, name: str) -> str:
         return name
 
+    def unset(self, column: str) -> str:
+        return f"{column} = ''"
+
+    @property
+    def id_column(self) -> str:
+        return "session_id"
+
     def texts(self, name: str, values: Sequence[str]) -> str:
         return self.bind(name, "Array(String)", list(values))
 
@@ -389,12 +424,21 @@ def status_counts(sql: SqlParams) -> list[str]:
     return [f"{sql.count_if(status_condition(status, sql))} AS {status.lower()}" for status in STATUSES]
 
 
+def _any_of_condition(definition: AnyOfFilter, values: Sequence[str], sql: SqlParams) -> str:
+    column = sql.column(definition.column)
+    bound = sql.texts(definition.key, values)  # bound once, used twice below when needed
+    condition = sql.any_of(column, bound, array=definition.array)
+    if not definition.own_id_when_unset:
+        return condition
+    # Not coalesce(column, id): each side can use its own index (Postgres) or skip index.
+    own = sql.any_of(sql.id_column, bound, array=False)
+    return f"({condition} OR ({sql.unset(column)} AND {own}))"
+
+
 def filter_conditions(filters: SessionFilters, sql: SqlParams) -> list[str]:
     """The WHERE conditions for ``filters`` (to AND with the environment condition)."""
     where = [
-        sql.any_of(sql.column(f.column), sql.texts(f.key, filters.any_of[f.key]), array=f.array)
-        for f in ANY_OF_FILTERS
-        if filters.any_of.get(f.key)
+        _any_of_condition(f, filters.any_of[f.key], sql) for f in ANY_OF_FILTERS if filters.any_of.get(f.key)
     ]
     if filters.statuses:
         where.append("(" + " OR ".join(status_condition(status, sql) for status in filters.statuses) + ")")
@@ -448,7 +492,7 @@ def _metadata(row: MirroredRow) -> str:
     )
 
 
-# In the order of clickhouse_schema/001_sessions_v1.sql (a unit test checks it).
+# In the order of the clickhouse_schema/ files (a unit test checks it).
 SESSIONS_V1_COLUMNS: tuple[MirrorColumn, ...] = (
     MirrorColumn("environment_id", _value("environment_id")),
     MirrorColumn("organization_id", _value("organization_id")),
@@ -467,4 +511,9 @@ SESSIONS_V1_COLUMNS: tuple[MirrorColumn, ...] = (
     MirrorColumn("last_active_at", _value("last_active_at")),
     MirrorColumn("_version", lambda row: row.version),
     MirrorColumn("_is_deleted", lambda row: 1 if row.deleted else 0),
+    # clickhouse_schema/003_sessions_v1_forks.sql: fork lineage, '' / NULL for a root.
+    MirrorColumn("forked_from", _text("forked_from")),
+    MirrorColumn("fork_out_offset", _nullable("fork_out_offset")),
+    MirrorColumn("fork_in_offset", _nullable("fork_in_offset")),
+    MirrorColumn("root_id", _text("root_id")),
 )

@@ -21,6 +21,8 @@ __all__ = [
     "ChannelView",
     "CloseSessionBody",
     "CreateSessionBody",
+    "ForkSessionBody",
+    "ForkedFrom",
     "MintTokenBody",
     "PatchSessionBody",
     "SessionView",
@@ -74,6 +76,19 @@ class CreateSessionBody(_Body):
     expiresAt: AwareDatetime | None = None
 
 
+class ForkSessionBody(_Body):
+    """``POST /api/v1/sessions/{session}/fork``. Offsets are the API's offset strings (or ``-1``
+    for the first kept record, ``now`` for the tail); absent means the channel's tail. Absent
+    ``type``/``tags``/``metadata`` are the parent's."""
+
+    outOffset: str | None = None
+    inOffset: str | None = None
+    externalId: ExternalId | None = None
+    type: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)] | None = None
+    tags: Tags | None = None
+    metadata: Metadata | None = None
+
+
 class PatchSessionBody(_Body):
     """Only the fields present are changed; ``externalId``/``expiresAt`` may be set to null."""
 
@@ -119,6 +134,22 @@ class ChannelView:
 
 
 @dataclass(frozen=True, slots=True)
+class ForkedFrom:
+    """Where a fork came from: its parent and the parent's channel offsets it forked at."""
+
+    session: str
+    out_offset: int
+    in_offset: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "session": self.session,
+            "outOffset": format_offset(self.out_offset),
+            "inOffset": format_offset(self.in_offset),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class SessionView:
     id: str
     environment_id: str
@@ -134,6 +165,13 @@ class SessionView:
     updated_at: datetime
     last_active_at: datetime
     channels: dict[str, ChannelView]
+    forked_from: ForkedFrom | None = None  # None: a root
+    stored_root_id: str | None = None  # NULL for a root (see root_id)
+
+    @property
+    def root_id(self) -> str:
+        """The first session of this one's fork tree: its own id for a root."""
+        return self.stored_root_id or self.id
 
     @property
     def status(self) -> str:
@@ -155,4 +193,6 @@ class SessionView:
             "updatedAt": _iso(self.updated_at),
             "lastActiveAt": _iso(self.last_active_at),
             "channels": {name: channel.to_json() for name, channel in self.channels.items()},
+            "forkedFrom": self.forked_from.to_json() if self.forked_from is not None else None,
+            "rootId": self.root_id,
         }

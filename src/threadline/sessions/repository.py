@@ -1,6 +1,6 @@
 """Session rows in Postgres: every query the sessions API runs.
 
-Create and close run in one transaction with the channel rows (``streams.channels`` writes
+Create, fork and close run in one transaction with the channel rows (``streams.channels`` writes
 those), so a session and its two channels appear and close atomically; reads join the channel
 heads for their stats.
 """
@@ -27,8 +27,16 @@ from threadline.sessions.fields import (
     to_micros,
 )
 from threadline.sessions.listing import ListQuery, from_micros, keyset_scan, page_window
-from threadline.sessions.models import FRIENDLY_ID_PREFIX, ChannelView, CreateSessionBody, SessionView
+from threadline.sessions.models import (
+    FRIENDLY_ID_PREFIX,
+    ChannelView,
+    CreateSessionBody,
+    ForkedFrom,
+    ForkSessionBody,
+    SessionView,
+)
 from threadline.streams import channels
+from threadline.streams.offsets import Position, parse_offset
 
 __all__ = [
     "Page",
@@ -36,6 +44,7 @@ __all__ = [
     "count_sessions",
     "create_session",
     "current_lsn",
+    "fork_session",
     "get_session",
     "get_session_by_id",
     "hydrate_sessions",
@@ -48,6 +57,7 @@ _CHANNEL_COLUMNS = ("next_offset", "records", "bytes", "closed_at", "first_recor
 _SELECT = f"""
 SELECT s.id, s.environment_id, s.external_id, s.type, s.task_identifier, s.tags, s.metadata,
        s.closed_at, s.closed_reason, s.expires_at, s.created_at, s.updated_at, s.last_active_at,
+       s.forked_from, s.fork_out_offset, s.fork_in_offset, s.root_id,
        {", ".join(f"o.{c} AS out_{c}" for c in _CHANNEL_COLUMNS)},
        {", ".join(f"i.{c} AS in_{c}" for c in _CHANNEL_COLUMNS)}
 FROM sessions s
@@ -83,6 +93,12 @@ def _view(row: asyncpg.Record) -> SessionView:
         updated_at=row["updated_at"],
         last_active_at=row["last_active_at"],
         channels={"out": _channel(row, "out"), "in": _channel(row, "in")},
+        forked_from=(
+            ForkedFrom(row["forked_from"], row["fork_out_offset"], row["fork_in_offset"])
+            if row["forked_from"] is not None
+            else None
+        ),
+        stored_root_id=row["root_id"],
     )
 
 
@@ -151,6 +167,76 @@ async def create_session(
         return await get_session(conn, environment.id, inserted), True
     assert body.externalId is not None  # only an externalId can conflict
     existing = await get_session(conn, environment.id, body.externalId)
+    if existing.closed_at is not None:
+        raise SessionClosed(
+            f"session with externalId {body.externalId!r} exists and is closed",
+            details={"sessionId": existing.id},
+        )
+    return existing, False
+
+
+def _fork_position(text: str | None, field: str) -> Position:
+    return "now" if text is None else parse_offset(text, name=field)
+
+
+async def fork_session(
+    conn: Conn, environment: Environment, parent: SessionView, body: ForkSessionBody
+) -> tuple[SessionView, bool]:
+    """Create a session whose channels are forks of ``parent``'s at the body's offsets (default:
+    the tails), in one transaction: if the channel forks cannot be made, no session is.
+
+    Absent ``type``/``tags``/``metadata`` are the parent's, and so is ``taskIdentifier``; the fork
+    has no expiry and is open even when the parent is closed. With an ``externalId`` that already
+    names a fork of ``parent`` at the offsets asked for (when given), that fork is returned
+    (``created`` False), so a retried fork does not make a second one; any other session with it
+    is a 409 ``external_id_conflict``. (Offsets given as ``now``/``-1`` match any.)
+    """
+    positions = {
+        "out": _fork_position(body.outOffset, "outOffset"),
+        "in": _fork_position(body.inOffset, "inOffset"),
+    }
+    async with conn.transaction():
+        sources = await channels.lock_fork_sources(conn, parent.id)
+        offsets = {io: sources[io].fork_point(positions[io], f"{io}Offset") for io in channels.CHANNELS}
+        inserted = await conn.fetchval(
+            """INSERT INTO sessions (id, environment_id, project_id, organization_id, external_id, type,
+                                     task_identifier, tags, metadata, forked_from, fork_out_offset,
+                                     fork_in_offset, root_id)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+               ON CONFLICT (environment_id, external_id) DO NOTHING
+               RETURNING id""",
+            new_id("session"),
+            environment.id,
+            environment.project_id,
+            environment.organization_id,
+            body.externalId,
+            body.type if body.type is not None else parent.type,
+            parent.task_identifier,
+            body.tags if body.tags is not None else parent.tags,
+            body.metadata if body.metadata is not None else parent.metadata,
+            parent.id,
+            offsets["out"],
+            offsets["in"],
+            parent.root_id,
+        )
+        if inserted is not None:
+            await channels.fork_channels(conn, environment.id, inserted, sources, offsets)
+    if inserted is not None:
+        return await get_session_by_id(conn, inserted), True
+    assert body.externalId is not None  # only an externalId can conflict
+    existing = await get_session(conn, environment.id, body.externalId)
+    lineage = existing.forked_from
+    at = {"out": lineage.out_offset, "in": lineage.in_offset} if lineage is not None else {}
+    same = (
+        lineage is not None
+        and lineage.session == parent.id
+        and all(at[io] == positions[io] for io in channels.CHANNELS if isinstance(positions[io], int))
+    )
+    if not same:
+        raise ExternalIdConflict(
+            f"another session already has externalId {body.externalId!r}",
+            details={"sessionId": existing.id},
+        )
     if existing.closed_at is not None:
         raise SessionClosed(
             f"session with externalId {body.externalId!r} exists and is closed",

@@ -338,6 +338,10 @@
     return main;
   }
 
+  function sessionLink(id) {
+    return h("a", { href: "#/session/" + encodeURIComponent(id) }, id);
+  }
+
   function renderSession(s) {
     var el = clear(document.getElementById("session"));
     var message = document.getElementById("session-message");
@@ -347,6 +351,10 @@
       ["createdAt", fmtTime(s.createdAt)], ["updatedAt", fmtTime(s.updatedAt)],
       ["lastActiveAt", fmtTime(s.lastActiveAt)], ["expiresAt", fmtTime(s.expiresAt)],
       ["closedAt", fmtTime(s.closedAt)], ["closedReason", s.closedReason || "—"],
+      ["forkedFrom", s.forkedFrom
+        ? [sessionLink(s.forkedFrom.session), " at out " + s.forkedFrom.outOffset + ", in " + s.forkedFrom.inOffset]
+        : "—"],
+      ["rootId", s.rootId && s.rootId !== s.id ? sessionLink(s.rootId) : "this session"],
     ];
     var tokenOut = h("div", { id: "token-out" });
     el.appendChild(h("section", { class: "card" },
