@@ -190,7 +190,10 @@ def test_compaction_moves_chunks_into_segments_and_collects_the_old_objects(
 
         eventually(compacted, timeout=60)
         collected = batch_keys - _keys(db, name, "batch")
-        assert len(collected) >= 27
+        # The busy maintainer may compact an append's batch before the loop reads its key, so not
+        # all 30 are seen; of those seen, all but the (at most 3) uncompacted ones are replaced.
+        assert len(batch_keys) >= 10, batch_keys
+        assert len(collected) >= len(batch_keys) - 3
         eventually(
             lambda: (
                 db("fetchval", "SELECT count(*) FROM stream_objects WHERE key = ANY($1)", list(collected))
