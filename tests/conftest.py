@@ -165,19 +165,25 @@ class Tenant:
     key_id: str
 
 
+def pg_query(database_url: str, method: str, sql: str, *args: Any) -> Any:
+    """Run one query on its own connection: ``pg_query(url, "fetchval", sql, *args)``."""
+
+    async def go() -> Any:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return await getattr(conn, method)(sql, *args)
+        finally:
+            await conn.close()
+
+    return run(go())
+
+
 @pytest.fixture(scope="session")
 def db(settings: Settings) -> Callable[..., Any]:
     """Run one query against the stack's Postgres: ``db("fetch", sql, *args)``."""
 
     def query(method: str, sql: str, *args: Any) -> Any:
-        async def go() -> Any:
-            conn = await asyncpg.connect(settings.database_url)
-            try:
-                return await getattr(conn, method)(sql, *args)
-            finally:
-                await conn.close()
-
-        return run(go())
+        return pg_query(settings.database_url, method, sql, *args)
 
     return query
 

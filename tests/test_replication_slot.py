@@ -16,7 +16,6 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
@@ -27,7 +26,7 @@ from tests.conftest import (
     clickhouse_rows,
     eventually,
     make_tenant,
-    run,
+    pg_query,
     settings_for,
 )
 from threadline.config import Settings
@@ -51,14 +50,7 @@ def slot_settings(small_slot_stack: EmbeddedStack) -> Settings:
 
 
 def _pg(settings: Settings, method: str, sql: str, *args: Any) -> Any:
-    async def go() -> Any:
-        conn = await asyncpg.connect(settings.database_url)
-        try:
-            return await getattr(conn, method)(sql, *args)
-        finally:
-            await conn.close()
-
-    return run(go())
+    return pg_query(settings.database_url, method, sql, *args)
 
 
 def _mirrored(stack: EmbeddedStack) -> set[str]:

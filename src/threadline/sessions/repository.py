@@ -144,22 +144,17 @@ async def create_session(
     agree on one row without a pre-check race.
     """
     async with conn.transaction():
-        inserted = await conn.fetchval(
-            """INSERT INTO sessions (id, environment_id, project_id, organization_id, external_id, type,
-                                     task_identifier, tags, metadata, expires_at)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-               ON CONFLICT (environment_id, external_id) DO NOTHING
-               RETURNING id""",
-            new_id("session"),
-            environment.id,
-            environment.project_id,
-            environment.organization_id,
-            body.externalId,
-            body.type,
-            body.taskIdentifier,
-            body.tags,
-            body.metadata,
-            body.expiresAt,
+        inserted = await _insert_session(
+            conn,
+            environment,
+            _NewSession(
+                external_id=body.externalId,
+                type=body.type,
+                task_identifier=body.taskIdentifier,
+                tags=body.tags,
+                metadata=body.metadata,
+                expires_at=body.expiresAt,
+            ),
         )
         if inserted is not None:
             await channels.create_channels(conn, environment.id, inserted)
@@ -173,6 +168,50 @@ async def create_session(
             details={"sessionId": existing.id},
         )
     return existing, False
+
+
+@dataclass(frozen=True, slots=True)
+class _NewSession:
+    """A session row as created (a root) or forked (with its lineage)."""
+
+    external_id: str | None
+    type: str
+    task_identifier: str | None
+    tags: list[str]
+    metadata: dict[str, Any]
+    expires_at: datetime | None = None
+    forked_from: str | None = None
+    fork_out_offset: int | None = None
+    fork_in_offset: int | None = None
+    root_id: str | None = None
+
+
+async def _insert_session(conn: Conn, environment: Environment, new: _NewSession) -> str | None:
+    """Insert the row; None when the externalId is taken (ON CONFLICT: concurrent creates with the
+    same externalId agree on one row without a pre-check race)."""
+    inserted: str | None = await conn.fetchval(
+        """INSERT INTO sessions (id, environment_id, project_id, organization_id, external_id, type,
+                                 task_identifier, tags, metadata, expires_at, forked_from,
+                                 fork_out_offset, fork_in_offset, root_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+           ON CONFLICT (environment_id, external_id) DO NOTHING
+           RETURNING id""",
+        new_id("session"),
+        environment.id,
+        environment.project_id,
+        environment.organization_id,
+        new.external_id,
+        new.type,
+        new.task_identifier,
+        new.tags,
+        new.metadata,
+        new.expires_at,
+        new.forked_from,
+        new.fork_out_offset,
+        new.fork_in_offset,
+        new.root_id,
+    )
+    return inserted
 
 
 def _fork_position(text: str | None, field: str) -> Position:
@@ -198,26 +237,20 @@ async def fork_session(
     async with conn.transaction():
         sources = await channels.lock_fork_sources(conn, parent.id)
         offsets = {io: sources[io].fork_point(positions[io], f"{io}Offset") for io in channels.CHANNELS}
-        inserted = await conn.fetchval(
-            """INSERT INTO sessions (id, environment_id, project_id, organization_id, external_id, type,
-                                     task_identifier, tags, metadata, forked_from, fork_out_offset,
-                                     fork_in_offset, root_id)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-               ON CONFLICT (environment_id, external_id) DO NOTHING
-               RETURNING id""",
-            new_id("session"),
-            environment.id,
-            environment.project_id,
-            environment.organization_id,
-            body.externalId,
-            body.type if body.type is not None else parent.type,
-            parent.task_identifier,
-            body.tags if body.tags is not None else parent.tags,
-            body.metadata if body.metadata is not None else parent.metadata,
-            parent.id,
-            offsets["out"],
-            offsets["in"],
-            parent.root_id,
+        inserted = await _insert_session(
+            conn,
+            environment,
+            _NewSession(
+                external_id=body.externalId,
+                type=body.type if body.type is not None else parent.type,
+                task_identifier=parent.task_identifier,
+                tags=body.tags if body.tags is not None else parent.tags,
+                metadata=body.metadata if body.metadata is not None else parent.metadata,
+                forked_from=parent.id,
+                fork_out_offset=offsets["out"],
+                fork_in_offset=offsets["in"],
+                root_id=parent.root_id,
+            ),
         )
         if inserted is not None:
             await channels.fork_channels(conn, environment.id, inserted, sources, offsets)
