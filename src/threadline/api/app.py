@@ -20,6 +20,7 @@ from starlette.routing import Router
 
 from threadline import __version__
 from threadline.api import health, openapi, realtime, sessions, streams, ui
+from threadline.api.connection import HttpProtocol
 from threadline.api.middleware import RequestObservabilityMiddleware, SecurityHeadersMiddleware
 from threadline.api.state import AppState
 from threadline.auth.authenticator import Authenticator
@@ -241,4 +242,6 @@ def uvicorn_config(settings: Settings, *, host: str | None = None, port: int | N
         access_log=False,
         proxy_headers=True,
         timeout_graceful_shutdown=10,
+        # httptools, with each request's connection in its scope: SSE pacing and dropping.
+        http=HttpProtocol,
     )

@@ -51,7 +51,14 @@ class StreamEngine:
         )
         self.reader = StreamReader(pool, objects, self.cache, max_read_bytes=settings.max_read_bytes)
         self.maintenance = Maintenance(settings, pool, objects)
-        self.service = StreamService(pool, self.committer, self.reader, self.live, self.targets)
+        self.service = StreamService(
+            pool,
+            self.committer,
+            self.reader,
+            self.live,
+            self.targets,
+            live_read_bytes=settings.sse_max_buffered_bytes,
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:

@@ -115,8 +115,13 @@ class StreamService:
         reader: StreamReader,
         live: LiveHub,
         targets: AppendTargets,
+        *,
+        live_read_bytes: int | None = None,
     ) -> None:
         self._pool = pool
+        # Most record bytes one live-read step reads: what a live reader holds unsent at most
+        # while its socket takes the step (THREADLINE_SSE_MAX_BUFFERED_BYTES).
+        self._live_read_bytes = live_read_bytes
         self._committer = committer
         self._reader = reader
         self._live = live
@@ -243,7 +248,12 @@ class StreamService:
         A step may hold no records: the first one always comes (the reader learns where it
         stands), then one whenever ``idle_seconds`` pass without a commit (SSE heartbeats and
         cursors ride on it). Ends after the step that reaches the end of a closed stream, or at
-        ``deadline`` (``loop.time()``). Readers at the same place share each read."""
+        ``deadline`` (``loop.time()``). Readers at the same place share each read.
+
+        The next step is read only when the caller asks for it, at most ``live_read_bytes`` of
+        records each (at least one chunk): a caller that waits for its reader's socket before
+        asking paces a catch-up by it, and a live reader that falls behind reads on from storage
+        rather than having commits queued for it."""
         loop = asyncio.get_running_loop()
         position = start
         async with self._watching(head) as (fresh, tail):
@@ -252,7 +262,9 @@ class StreamService:
                 version = tail.version
                 result = tail.reads.get(position)
                 if result is None:
-                    result = await self._reader.read(fresh, position, tail=tail)
+                    result = await self._reader.read(
+                        fresh, position, tail=tail, max_bytes=self._live_read_bytes
+                    )
                     if tail.version == version and len(tail.reads) < _MAX_SHARED:
                         tail.reads[position] = result
                 step = FollowStep(position, result, tail, version)
