@@ -113,3 +113,31 @@ def test_a_session_channel_closes_only_with_its_session(anon: httpx.Client, clie
     assert client.get(stream, params={"offset": "-1"}).json() == []
     assert client.post(stream, content=b'"hello"', headers=JSON).status_code == 204
     assert "Stream-Closed" not in client.head(stream).headers
+
+
+@pytest.mark.parametrize("content_type", ["*/*", "text/*", "0", "text", "text/plain/x", "a b/c"])
+def test_a_stream_content_type_that_is_not_a_media_type_is_a_400(
+    client: httpx.Client, content_type: str
+) -> None:
+    """Found by the fuzzer (tests/test_fuzz.py): a PUT with `Content-Type: */*` created a stream
+    whose every read then answered `Content-Type: */*`, a type no client can act on."""
+    name = "fuzz-found/content-type"
+    error = assert_error(
+        client.put(f"/v1/stream/{name}", headers={"Content-Type": content_type}), 400, "validation_error"
+    )
+    assert "media type" in error["message"]
+    assert client.head(f"/v1/stream/{name}").status_code == 404
+
+
+def test_a_stream_of_any_media_type_reads_back_with_it(client: httpx.Client) -> None:
+    name = "fuzz-found/image"
+    assert (
+        client.put(
+            f"/v1/stream/{name}", headers={"Content-Type": "image/png"}, content=b"\x89PNG"
+        ).status_code
+        == 201
+    )
+    read = client.get(f"/v1/stream/{name}")
+    assert read.status_code == 200
+    assert read.headers["content-type"] == "image/png"
+    assert read.content == b"\x89PNG"

@@ -683,10 +683,12 @@ def _realtime_paths() -> dict[str, Any]:
 
 def _stream_paths() -> dict[str, Any]:
     name_errors = (InvalidStreamName, StreamNotFound)
+    # A read answers with the stream's own content type (any media type given at create).
     read_content = {
         "application/json": {"schema": {"type": "array", "items": _ANY_JSON}},
         "application/octet-stream": {"schema": _BYTES},
         "text/plain": {"schema": {"type": "string"}},
+        "*/*": {"schema": _BYTES},
     }
     return {
         "/v1/stream/{name}": {
@@ -699,7 +701,9 @@ def _stream_paths() -> dict[str, Any]:
                 "exist with the session: PUT confirms one (200).",
                 "parameters": [
                     _header_param(
-                        "Content-Type", "The stream's content type (default application/octet-stream)."
+                        "Content-Type",
+                        "The stream's content type, a media type such as `text/plain` (default "
+                        "application/octet-stream); reads answer with it.",
                     ),
                     _header_param(
                         "Stream-TTL", "Sliding time to live in seconds.", {"type": "integer", "minimum": 0}

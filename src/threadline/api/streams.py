@@ -35,7 +35,7 @@ from threadline.auth.principal import Action
 from threadline.errors import SessionChannel, ValidationFailed
 from threadline.sessions.access import StreamAccess, stream_access
 from threadline.streams.heads import StreamHead, StreamSettings
-from threadline.streams.names import is_json, media_type, validate_name
+from threadline.streams.names import is_json, is_media_type, media_type, validate_name
 from threadline.streams.offsets import format_offset, parse_offset
 from threadline.streams.reader import ReadResult
 from threadline.streams.records import MAX_BATCH_BYTES, json_array
@@ -125,6 +125,8 @@ async def put_stream(request: Request) -> Response:
     if sub_offset and fork_offset_header is None:
         raise ValidationFailed("Stream-Fork-Sub-Offset needs Stream-Fork-Offset")
     content_type = request.headers.get("content-type") or None
+    if content_type is not None and not is_media_type(content_type):
+        raise ValidationFailed("Content-Type must be a media type such as text/plain (type/subtype, no *)")
     closed = flag_header(request, CLOSED)
     body = await read_body(request, MAX_BATCH_BYTES)
     streams = app_state(request).streams
