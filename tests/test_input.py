@@ -141,3 +141,16 @@ def test_a_stream_of_any_media_type_reads_back_with_it(client: httpx.Client) -> 
     assert read.status_code == 200
     assert read.headers["content-type"] == "image/png"
     assert read.content == b"\x89PNG"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "POST", "DELETE"])
+@pytest.mark.parametrize("path", ["a%0Ab", "abc%0A", "%0A", "a/b%0D%0A"])
+def test_a_line_break_in_a_stream_name_is_invalid_stream_name(
+    client: httpx.Client, method: str, path: str
+) -> None:
+    """Found by the fuzzer (tests/test_fuzz.py, make fuzz): `GET /v1/stream/%0A...` matched no
+    route and answered 404 route_not_found, a code the document does not list for the route."""
+    response = client.request(method, f"/v1/stream/{path}")
+    assert response.status_code == 400, response.text
+    if method != "HEAD":
+        assert response.json()["error"]["code"] == "invalid_stream_name"

@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any
 
 import orjson
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -377,10 +378,27 @@ async def stream_endpoint(request: Request) -> Response:
     return await handler(request)
 
 
+class _StreamNameConvertor(Convertor[str]):
+    """Starlette's ``path``, but over every character. ``path`` is ``.*``, which stops at a line
+    break: a name holding one (``/v1/stream/a%0Ab``) matched no route (404 ``route_not_found``),
+    and one ending in it was routed without it (``$`` matches before a final newline). Matched
+    whole, every name reaches ``validate_name``, which refuses it: 400 ``invalid_stream_name``."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("stream_name", _StreamNameConvertor())
+
 routes = [
     Route(TRIM_PATH, trim_route, methods=["POST"], name="streams_trim"),
     Route(
-        STREAM_PREFIX + "{name:path}",
+        STREAM_PREFIX + "{name:stream_name}",
         stream_endpoint,
         methods=["GET", "HEAD", "PUT", "POST", "DELETE"],
         name="streams",
