@@ -102,8 +102,14 @@ def fuzz_server(stack: StackEndpoints) -> Iterator[FuzzServer]:
     with ServerThread(settings) as url:
         print(f"fuzzing {url} with seed {SEED}, {EXAMPLES} examples per operation")
         key = make_tenant(settings, "fuzz").key
-        # The stream the document's trim example names, so that example reaches a real trim.
-        created = httpx.put(f"{url}/v1/stream/chat/room-1", headers={"Authorization": f"Bearer {key}"})
+        # What the document's examples name (a stream to trim, a session whose channels the
+        # realtime examples use), so each example reaches a handler past its lookups.
+        auth = {"Authorization": f"Bearer {key}"}
+        created = httpx.put(f"{url}/v1/stream/chat/room-1", headers=auth)
+        assert created.status_code in (200, 201), created.text
+        created = httpx.post(
+            f"{url}/api/v1/sessions", json={"type": "chat", "externalId": "conv-42"}, headers=auth
+        )
         assert created.status_code in (200, 201), created.text
         yield FuzzServer(url, key, answered(url))
 

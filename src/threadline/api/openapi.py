@@ -81,6 +81,9 @@ _SESSION_PARAM = {
     "description": "A session id (`session_…`) or the session's externalId.",
     "schema": {"type": "string"},
 }
+# On the channel routes the example names a session by its externalId (as the README's examples
+# do), so the example reaches a real channel wherever that session exists (the fuzz test makes it).
+_CHANNEL_SESSION_PARAM = {**_SESSION_PARAM, "example": "conv-42"}
 _IO_PARAM = {
     "name": "io",
     "in": "path",
@@ -625,7 +628,7 @@ def _realtime_paths() -> dict[str, Any]:
     channel_errors = (SessionNotFound, ChannelNotFound)
     return {
         channel: {
-            "parameters": [_SESSION_PARAM, _IO_PARAM],
+            "parameters": [_CHANNEL_SESSION_PARAM, _IO_PARAM],
             "put": {
                 "tags": ["Realtime"],
                 "operationId": "describeChannel",
@@ -693,7 +696,7 @@ def _realtime_paths() -> dict[str, Any]:
             },
         },
         f"{channel}/append": {
-            "parameters": [_SESSION_PARAM, _IO_PARAM],
+            "parameters": [_CHANNEL_SESSION_PARAM, _IO_PARAM],
             "post": {
                 "tags": ["Realtime"],
                 "operationId": "appendChannel",
