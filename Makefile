@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install peer-install run test test-unit lint typecheck check bench bench-quick bench-sessions bench-sdk client-install-check clean
+.PHONY: install peer-install run test test-unit fuzz lint typecheck check bench bench-quick bench-sessions bench-sdk client-install-check clean
 
 install: $(VENV)/.installed conformance/node_modules/.installed ui-tests/node_modules/.installed
 
@@ -43,6 +43,16 @@ test: install
 ## Only the unit tests: pure logic, no services, a few seconds
 test-unit: $(VENV)/.installed
 	$(BIN)/pytest tests/unit
+
+## The API fuzzer (tests/test_fuzz.py, part of `make test` at 25 examples and a fixed seed), longer:
+## FUZZ_EXAMPLES per operation, a random seed (printed; FUZZ_SEED=<n> repeats a run)
+FUZZ_EXAMPLES ?= 300
+fuzz: install
+	@seed=$${FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	echo "fuzz seed: $$seed ($(FUZZ_EXAMPLES) examples per operation; repeat with FUZZ_SEED=$$seed)"; \
+	THREADLINE_FUZZ_SEED=$$seed THREADLINE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+	  $(BIN)/pytest tests/test_fuzz.py --timeout=3600; \
+	status=$$?; echo "fuzz seed: $$seed"; exit $$status
 
 ## Benchmarks: Threadline next to the Durable Streams reference server and the cost floor, plus
 ## lists and replication lag; one table to stdout and bench/results/compare.{json,md} (< 10 min)

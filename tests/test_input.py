@@ -113,3 +113,44 @@ def test_a_session_channel_closes_only_with_its_session(anon: httpx.Client, clie
     assert client.get(stream, params={"offset": "-1"}).json() == []
     assert client.post(stream, content=b'"hello"', headers=JSON).status_code == 204
     assert "Stream-Closed" not in client.head(stream).headers
+
+
+@pytest.mark.parametrize("content_type", ["*/*", "text/*", "0", "text", "text/plain/x", "a b/c"])
+def test_a_stream_content_type_that_is_not_a_media_type_is_a_400(
+    client: httpx.Client, content_type: str
+) -> None:
+    """Found by the fuzzer (tests/test_fuzz.py): a PUT with `Content-Type: */*` created a stream
+    whose every read then answered `Content-Type: */*`, a type no client can act on."""
+    name = "fuzz-found/content-type"
+    error = assert_error(
+        client.put(f"/v1/stream/{name}", headers={"Content-Type": content_type}), 400, "validation_error"
+    )
+    assert "media type" in error["message"]
+    assert client.head(f"/v1/stream/{name}").status_code == 404
+
+
+def test_a_stream_of_any_media_type_reads_back_with_it(client: httpx.Client) -> None:
+    name = "fuzz-found/image"
+    assert (
+        client.put(
+            f"/v1/stream/{name}", headers={"Content-Type": "image/png"}, content=b"\x89PNG"
+        ).status_code
+        == 201
+    )
+    read = client.get(f"/v1/stream/{name}")
+    assert read.status_code == 200
+    assert read.headers["content-type"] == "image/png"
+    assert read.content == b"\x89PNG"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "POST", "DELETE"])
+@pytest.mark.parametrize("path", ["a%0Ab", "abc%0A", "%0A", "a/b%0D%0A"])
+def test_a_line_break_in_a_stream_name_is_invalid_stream_name(
+    client: httpx.Client, method: str, path: str
+) -> None:
+    """Found by the fuzzer (tests/test_fuzz.py, make fuzz): `GET /v1/stream/%0A...` matched no
+    route and answered 404 route_not_found, a code the document does not list for the route."""
+    response = client.request(method, f"/v1/stream/{path}")
+    assert response.status_code == 400, response.text
+    if method != "HEAD":
+        assert response.json()["error"]["code"] == "invalid_stream_name"

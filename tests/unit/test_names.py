@@ -13,6 +13,7 @@ from threadline.streams.names import (
     DEFAULT_CONTENT_TYPE,
     MAX_NAME_LENGTH,
     is_json,
+    is_media_type,
     media_type,
     parse_session_channel,
     session_channel_name,
@@ -162,3 +163,23 @@ def test_the_media_type_is_lower_case_without_parameters(content_type: str | Non
 )
 def test_json_mode_is_exactly_the_application_json_media_type(content_type: str, expected: bool) -> None:
     assert is_json(content_type) is expected
+
+
+@pytest.mark.parametrize(
+    ("content_type", "valid"),
+    [
+        ("application/json", True),
+        ("application/json; charset=utf-8", True),
+        ("TEXT/PLAIN", True),
+        ("application/vnd.api+json", True),
+        ("*/*", False),
+        ("text/*", False),
+        ("0", False),
+        ("", False),
+        ("text/plain/x", False),
+        ("a b/c", False),
+        ("/json", False),
+    ],
+)
+def test_a_stream_content_type_must_be_a_concrete_media_type(content_type: str, valid: bool) -> None:
+    assert is_media_type(content_type) is valid

@@ -87,6 +87,9 @@ _SESSION_PARAM = {
     "description": "A session id (`session_…`) or the session's externalId.",
     "schema": {"type": "string"},
 }
+# On the channel routes the example names a session by its externalId (as the README's examples
+# do), so the example reaches a real channel wherever that session exists (the fuzz test makes it).
+_CHANNEL_SESSION_PARAM = {**_SESSION_PARAM, "example": "conv-42"}
 _IO_PARAM = {
     "name": "io",
     "in": "path",
@@ -296,11 +299,42 @@ def _json_ok(
     return response
 
 
-def _body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
+def _links(parameters: dict[str, str], *operation_ids: str) -> dict[str, Any]:
+    """OpenAPI links: how the value an answer names feeds the next calls (a stateful fuzzer
+    follows them: create a session, then get, patch, append to and close it)."""
     return {
-        "required": required,
-        "content": {"application/json": {"schema": {"$ref": f"{_SCHEMAS}{model.__name__}"}}},
+        operation_id: {"operationId": operation_id, "parameters": parameters}
+        for operation_id in operation_ids
     }
+
+
+_SESSION_LINKS = _links(
+    {"session": "$response.body#/id"},
+    "getSession",
+    "patchSession",
+    "closeSession",
+    "mintSessionToken",
+    "describeChannel",
+    "subscribeChannel",
+    "appendChannel",
+)
+# A stand-alone stream is named by the path it was created or written at.
+_STREAM_LINKS = {
+    **_links({"name": "$request.path.name"}, "appendStream", "readStream", "headStream", "deleteStream"),
+    "trimStream": {
+        "operationId": "trimStream",
+        "requestBody": {"stream": "$request.path.name", "before": "now"},
+    },
+}
+
+
+def _body(
+    model: type[BaseModel], *, required: bool = True, example: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": {"$ref": f"{_SCHEMAS}{model.__name__}"}}
+    if example is not None:
+        media["example"] = example
+    return {"required": required, "content": {"application/json": media}}
 
 
 _BODY_ERRORS: tuple[type[ApiError], ...] = (ValidationFailed, InvalidJson, PayloadTooLarge)
@@ -471,8 +505,11 @@ def _sessions_paths() -> dict[str, Any]:
                 "`session_closed` if that session is closed. Needs environment-wide write scope.",
                 "requestBody": _body(CreateSessionBody),
                 "responses": {
-                    "201": _json_ok("Created", _SESSION, lsn),
-                    "200": _json_ok("The existing session with this externalId", _SESSION, lsn),
+                    "201": {**_json_ok("Created", _SESSION, lsn), "links": _SESSION_LINKS},
+                    "200": {
+                        **_json_ok("The existing session with this externalId", _SESSION, lsn),
+                        "links": _SESSION_LINKS,
+                    },
                     **_errors(*_BODY_ERRORS, SessionClosed, *_SERVICE_ERRORS),
                 },
             },
@@ -644,7 +681,7 @@ def _realtime_paths() -> dict[str, Any]:
     channel_errors = (SessionNotFound, ChannelNotFound)
     return {
         channel: {
-            "parameters": [_SESSION_PARAM, _IO_PARAM],
+            "parameters": [_CHANNEL_SESSION_PARAM, _IO_PARAM],
             "put": {
                 "tags": ["Realtime"],
                 "operationId": "describeChannel",
@@ -712,7 +749,7 @@ def _realtime_paths() -> dict[str, Any]:
             },
         },
         f"{channel}/append": {
-            "parameters": [_SESSION_PARAM, _IO_PARAM],
+            "parameters": [_CHANNEL_SESSION_PARAM, _IO_PARAM],
             "post": {
                 "tags": ["Realtime"],
                 "operationId": "appendChannel",
@@ -722,11 +759,21 @@ def _realtime_paths() -> dict[str, Any]:
                 "parameters": [*_PRODUCER_PARAMS, _STREAM_SEQ_PARAM],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ANY_JSON}}},
                 "responses": {
-                    "200": _json_ok(
-                        "Appended (or, with Producer-*, the original ack of a duplicate)",
-                        _APPEND_ACK_SCHEMA,
-                        _headers("StreamNextOffset", "ProducerEpoch", "ProducerSeq"),
-                    ),
+                    "200": {
+                        **_json_ok(
+                            "Appended (or, with Producer-*, the original ack of a duplicate)",
+                            _APPEND_ACK_SCHEMA,
+                            _headers("StreamNextOffset", "ProducerEpoch", "ProducerSeq"),
+                        ),
+                        "links": _links(
+                            {
+                                "session": "$request.path.session",
+                                "io": "$request.path.io",
+                                "offset": "$response.body#/offset",
+                            },
+                            "subscribeChannel",
+                        ),
+                    },
                     **_errors(*channel_errors, SessionClosed, SessionExpired, *_APPEND_ERRORS),
                 },
             },
@@ -736,10 +783,12 @@ def _realtime_paths() -> dict[str, Any]:
 
 def _stream_paths() -> dict[str, Any]:
     name_errors = (InvalidStreamName, StreamNotFound)
+    # A read answers with the stream's own content type (any media type given at create).
     read_content = {
         "application/json": {"schema": {"type": "array", "items": _ANY_JSON}},
         "application/octet-stream": {"schema": _BYTES},
         "text/plain": {"schema": {"type": "string"}},
+        "*/*": {"schema": _BYTES},
     }
     return {
         "/v1/stream/{name}": {
@@ -752,7 +801,9 @@ def _stream_paths() -> dict[str, Any]:
                 "exist with the session: PUT confirms one (200).",
                 "parameters": [
                     _header_param(
-                        "Content-Type", "The stream's content type (default application/octet-stream)."
+                        "Content-Type",
+                        "The stream's content type, a media type such as `text/plain` (default "
+                        "application/octet-stream); reads answer with it.",
                     ),
                     _header_param(
                         "Stream-TTL", "Sliding time to live in seconds.", {"type": "integer", "minimum": 0}
@@ -782,6 +833,7 @@ def _stream_paths() -> dict[str, Any]:
                     "201": {
                         "description": "Created",
                         "headers": _headers("StreamNextOffset", "StreamClosed", "Location"),
+                        "links": _STREAM_LINKS,
                     },
                     "200": {
                         "description": "Already exists with the same settings",
@@ -927,7 +979,7 @@ def _stream_paths() -> dict[str, Any]:
                 "summary": "Trim: make the records before an offset unreadable and free their storage",
                 "description": "A Threadline extension. Write scope on the stream. Never moves back; "
                 "`now` trims everything; a read below the trim point is 410 `offset_trimmed`.",
-                "requestBody": _body(TrimBody),
+                "requestBody": _body(TrimBody, example={"stream": "chat/room-1", "before": "now"}),
                 "responses": {
                     "200": _json_ok("The effective trim point", _TRIM_SCHEMA),
                     **_errors(
@@ -1045,7 +1097,13 @@ def _operations_paths() -> dict[str, Any]:
                 "summary": "A file the UI and the docs page load (cached for a year when `v` matches)",
                 "security": [],
                 "parameters": [
-                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "example": "docs.js",
+                    },
                     {"name": "v", "in": "query", "schema": {"type": "string"}},
                 ],
                 "responses": {

@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any
 
 import orjson
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -35,7 +36,7 @@ from threadline.auth.principal import Action
 from threadline.errors import SessionChannel, ValidationFailed
 from threadline.sessions.access import StreamAccess, stream_access
 from threadline.streams.heads import StreamHead, StreamSettings
-from threadline.streams.names import is_json, media_type, validate_name
+from threadline.streams.names import is_json, is_media_type, media_type, validate_name
 from threadline.streams.offsets import format_offset, parse_offset
 from threadline.streams.reader import ReadResult
 from threadline.streams.records import MAX_BATCH_BYTES, json_array
@@ -125,6 +126,8 @@ async def put_stream(request: Request) -> Response:
     if sub_offset and fork_offset_header is None:
         raise ValidationFailed("Stream-Fork-Sub-Offset needs Stream-Fork-Offset")
     content_type = request.headers.get("content-type") or None
+    if content_type is not None and not is_media_type(content_type):
+        raise ValidationFailed("Content-Type must be a media type such as text/plain (type/subtype, no *)")
     closed = flag_header(request, CLOSED)
     body = await read_body(request, MAX_BATCH_BYTES)
     streams = app_state(request).streams
@@ -375,10 +378,27 @@ async def stream_endpoint(request: Request) -> Response:
     return await handler(request)
 
 
+class _StreamNameConvertor(Convertor[str]):
+    """Starlette's ``path``, but over every character. ``path`` is ``.*``, which stops at a line
+    break: a name holding one (``/v1/stream/a%0Ab``) matched no route (404 ``route_not_found``),
+    and one ending in it was routed without it (``$`` matches before a final newline). Matched
+    whole, every name reaches ``validate_name``, which refuses it: 400 ``invalid_stream_name``."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("stream_name", _StreamNameConvertor())
+
 routes = [
     Route(TRIM_PATH, trim_route, methods=["POST"], name="streams_trim"),
     Route(
-        STREAM_PREFIX + "{name:path}",
+        STREAM_PREFIX + "{name:stream_name}",
         stream_endpoint,
         methods=["GET", "HEAD", "PUT", "POST", "DELETE"],
         name="streams",

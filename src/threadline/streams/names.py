@@ -16,6 +16,7 @@ __all__ = [
     "SESSION_CHANNEL_CONTENT_TYPE",
     "SESSION_PREFIX",
     "is_json",
+    "is_media_type",
     "media_type",
     "parse_session_channel",
     "session_channel_name",
@@ -29,6 +30,8 @@ SESSION_CHANNEL_CONTENT_TYPE = "application/json"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 MAX_NAME_LENGTH = 1024
 
+# RFC 9110 §8.3.1: type "/" subtype, each a token; parameters after ";" are kept as sent.
+_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SEGMENT = re.compile(r"[A-Za-z0-9._~:@!$&'()*+,;=-]+")  # whole segment (fullmatch): no trailing newline
 
 
@@ -63,6 +66,13 @@ def media_type(content_type: str | None) -> str:
     if not content_type:
         return DEFAULT_CONTENT_TYPE
     return content_type.split(";", 1)[0].strip().lower() or DEFAULT_CONTENT_TYPE
+
+
+def is_media_type(content_type: str) -> bool:
+    """A concrete media type (``type/subtype``, parameters allowed), not a range like ``*/*``:
+    what a stream's content type must be, since every read answers with it as Content-Type."""
+    kind = content_type.split(";", 1)[0].strip()
+    return _MEDIA_TYPE.fullmatch(kind) is not None and "*" not in kind.split("/")
 
 
 def is_json(content_type: str) -> bool:
