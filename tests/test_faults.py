@@ -2,16 +2,21 @@
 
 A stack of its own (stopping its Postgres or S3 must not disturb the other tests), a real server
 on it, and real outages: the service processes are stopped, then started again on the same
-ports, and the same requests succeed.
+ports, and the same requests succeed. Stalls too: the service's processes are frozen (SIGSTOP),
+so connections are accepted and never answered, and every request must still answer within the
+dependency bound rather than hang.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import (
@@ -25,7 +30,7 @@ from tests.conftest import (
     settings_for,
 )
 from threadline.config import Settings
-from threadline.embedded.stack import EmbeddedStack
+from threadline.embedded.stack import EmbeddedStack, ServiceName
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +126,130 @@ def test_s3_down_is_503_for_appends_and_reads_and_nothing_is_half_written(
         assert read.status_code == 200, read.text
         assert read.content == b"before"  # the refused append left nothing visible
         assert client.post(name, content=b"after", headers={"Content-Type": "text/plain"}).status_code == 204
+        assert client.get(name, params={"offset": "-1"}).content == b"beforeafter"
+
+
+# The stall tests' server answers a stalled dependency within this bound; a request may take a
+# little longer (its other work, a second bounded call), never a hang: they allow 3x.
+STALL_BOUND_SECONDS = 2.0
+READYZ_BOUND_SECONDS = 3.0
+
+
+@contextlib.contextmanager
+def _stalled(stack: EmbeddedStack, name: ServiceName) -> Iterator[None]:
+    """Freeze every process of a service (Postgres: the postmaster first, so it forks no more,
+    then all its children), and thaw them however the block ends."""
+    root = psutil.Process(stack.service_pids()[name])
+    frozen = [root]
+    try:
+        root.suspend()
+        for child in root.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.suspend()
+                frozen.append(child)
+        # Signals are delivered asynchronously: wait until the kernel reports each one stopped.
+        eventually(lambda: all(_stopped(proc) for proc in frozen), timeout=5, interval=0.05)
+        yield
+    finally:
+        for proc in reversed(frozen):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.resume()
+
+
+def _stopped(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_STOPPED
+    except psutil.NoSuchProcess:  # an exiting child does not answer either
+        return True
+
+
+def _timed(client: httpx.Client, request: httpx.Request) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = client.send(request)
+    return response, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def stall_server(own_settings: Settings) -> Iterator[str]:
+    """A server with a short dependency bound and no chunk cache (every read goes to S3). Keys
+    stay cached, so a stalled request gets past authentication to its route's own lookups."""
+    settings = own_settings.model_copy(
+        update={
+            "dependency_timeout_seconds": STALL_BOUND_SECONDS,
+            "chunk_cache_bytes": 0,
+            "auth_cache_seconds": 300.0,
+        }
+    )
+    with ServerThread(settings) as url:
+        yield url
+
+
+def test_stalled_postgres_is_503_within_the_bound_on_every_route_family(
+    own_stack: EmbeddedStack, stall_server: str, own_tenant: Tenant
+) -> None:
+    # A client timeout far above the bound: a hang shows as a slow answer, not a client error.
+    with httpx.Client(base_url=stall_server, headers=bearer(own_tenant.key), timeout=60) as client:
+        session = client.post("/api/v1/sessions", json={"type": "chat"}).json()
+        answers: dict[str, tuple[int, float]] = {}
+        with _stalled(own_stack, "postgres"):
+            for family, request in _requests(client, session["id"]).items():
+                response, elapsed = _timed(client, request)
+                answers[family] = (response.status_code, round(elapsed, 2))
+                assert response.status_code == 503, (family, response.status_code, response.text)
+                assert response.headers.get("retry-after") == "1", family
+                if request.method != "HEAD":
+                    assert_error(response, 503, "database_unavailable")
+                assert elapsed < 3 * STALL_BOUND_SECONDS, (family, elapsed)
+            readyz, elapsed = _timed(client, client.build_request("GET", "/readyz"))
+            answers["readyz"] = (readyz.status_code, round(elapsed, 2))
+            assert readyz.status_code == 503, readyz.text
+            checks = readyz.json()["checks"]
+            assert checks["postgres"]["ok"] is False
+            assert checks["s3"]["ok"] is True
+            assert elapsed < READYZ_BOUND_SECONDS, elapsed
+        print("answers under a stalled Postgres (status, seconds):", answers)
+        # Thawed: the same requests succeed (connections that timed out were closed, not reused).
+        eventually(lambda: client.get(f"/api/v1/sessions/{session['id']}").status_code == 200, timeout=60)
+        for family, request in _requests(client, session["id"]).items():
+            response = client.send(request)
+            assert response.status_code < 400, (family, response.status_code, response.text)
+        assert client.get("/readyz").status_code == 200
+
+
+def test_stalled_s3_is_503_within_the_bound_for_appends_and_uncached_reads(
+    own_stack: EmbeddedStack, stall_server: str, own_tenant: Tenant
+) -> None:
+    text = {"Content-Type": "text/plain"}
+    with httpx.Client(base_url=stall_server, headers=bearer(own_tenant.key), timeout=60) as client:
+        name = "/v1/stream/faults-s3-stall"
+        assert client.put(name, headers=text).status_code == 201
+        assert client.post(name, content=b"before", headers=text).status_code == 204
+        with _stalled(own_stack, "s3"):
+            appended, append_elapsed = _timed(
+                client, client.build_request("POST", name, content=b"during", headers=text)
+            )
+            read, read_elapsed = _timed(client, client.build_request("GET", name, params={"offset": "-1"}))
+            readyz, readyz_elapsed = _timed(client, client.build_request("GET", "/readyz"))
+        print(
+            "answers under a stalled S3 (status, seconds):",
+            {
+                "append": (appended.status_code, round(append_elapsed, 2)),
+                "read": (read.status_code, round(read_elapsed, 2)),
+                "readyz": (readyz.status_code, round(readyz_elapsed, 2)),
+            },
+        )
+        for response, elapsed in ((appended, append_elapsed), (read, read_elapsed)):
+            assert_error(response, 503, "storage_unavailable")
+            assert response.headers.get("retry-after") == "1"
+            assert elapsed < 3 * STALL_BOUND_SECONDS, elapsed
+        assert readyz.status_code == 503, readyz.text
+        assert readyz.json()["checks"]["s3"]["ok"] is False
+        assert readyz.json()["checks"]["postgres"]["ok"] is True
+        assert readyz_elapsed < READYZ_BOUND_SECONDS, readyz_elapsed
+        # Thawed: the refused append left nothing visible, and the next one lands.
+        eventually(lambda: client.get(name, params={"offset": "-1"}).status_code == 200, timeout=60)
+        assert client.get(name, params={"offset": "-1"}).content == b"before"
+        assert client.post(name, content=b"after", headers=text).status_code == 204
         assert client.get(name, params={"offset": "-1"}).content == b"beforeafter"
 
 

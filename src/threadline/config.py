@@ -93,6 +93,15 @@ class Settings(BaseSettings):
             "read in steps of this size and written only as fast as its socket takes it."
         ),
     )
+    dependency_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description=(
+            "Bound on a request's Postgres and S3 calls (waiting for a pooled connection included): "
+            "a stalled dependency answers 503 within it. Commits keep their own bound."
+        ),
+    )
     commit_timeout_seconds: float = Field(
         default=20.0,
         gt=0,

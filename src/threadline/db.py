@@ -14,10 +14,10 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import asyncpg
 
@@ -26,7 +26,9 @@ from threadline.errors import EngineError
 
 __all__ = [
     "POSTGRES_UNAVAILABLE",
+    "BoundedPool",
     "Conn",
+    "ConnectionSource",
     "Migration",
     "MigrationError",
     "apply_migrations",
@@ -95,6 +97,56 @@ async def discarding_on_failure(pool: asyncpg.Pool[Any], *, acquire_timeout: flo
         raise
     finally:
         await pool.release(conn)
+
+
+class ConnectionSource(Protocol):
+    """Where a service borrows connections: a :class:`BoundedPool` on the request path, or a
+    plain pool (background work, tests)."""
+
+    def acquire(self) -> AbstractAsyncContextManager[Conn]: ...
+
+
+class BoundedPool:
+    """The pool as the request path sees it: every borrowing, the wait for a connection and the
+    statements run on it included, answers within ``timeout`` seconds
+    (``THREADLINE_DEPENDENCY_TIMEOUT_SECONDS``) or raises :class:`TimeoutError` (503
+    ``database_unavailable``), so a stalled Postgres costs a request that long, not a hang.
+
+    A connection whose block ended in a timeout, a cancellation or a connection error is closed
+    rather than reused (its protocol state is unknown); one whose block raised an ordinary error
+    (a 404, a Postgres error) goes back to the pool as usual. Background work (commits,
+    maintenance, replication) keeps the plain pool and its own, longer bounds."""
+
+    def __init__(self, pool: asyncpg.Pool[Any], *, timeout: float) -> None:
+        self.pool = pool
+        self.timeout = timeout
+
+    def acquire(self) -> AbstractAsyncContextManager[Conn]:
+        return _bounded_connection(self.pool, self.timeout)
+
+
+@asynccontextmanager
+async def _bounded_connection(pool: asyncpg.Pool[Any], seconds: float) -> AsyncIterator[Conn]:
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            conn = await pool.acquire(timeout=seconds)
+            try:
+                yield conn
+            except BaseException as exc:
+                # A Postgres error or an application error leaves the connection idle and usable;
+                # anything else (cancelled mid-statement by the deadline or the client, a lost
+                # socket) may leave it mid-protocol: close it, and the pool opens a new one.
+                if isinstance(exc, POSTGRES_UNAVAILABLE) or not isinstance(exc, Exception):
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        conn.terminate()
+                raise
+            finally:
+                await pool.release(conn)
+    except TimeoutError as exc:
+        if deadline.expired():
+            raise TimeoutError(f"Postgres did not answer within {seconds:g}s") from exc
+        raise
 
 
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:

@@ -25,7 +25,7 @@ from threadline.api.middleware import RequestObservabilityMiddleware, SecurityHe
 from threadline.api.state import AppState
 from threadline.auth.authenticator import Authenticator
 from threadline.config import Settings, sql_dir
-from threadline.db import POSTGRES_UNAVAILABLE, apply_migrations, create_pool
+from threadline.db import POSTGRES_UNAVAILABLE, BoundedPool, apply_migrations, create_pool
 from threadline.errors import (
     ApiError,
     DatabaseUnavailable,
@@ -145,15 +145,17 @@ def create_app(settings: Settings) -> Starlette:
             except ClickHouseUnavailable as exc:
                 # Lists fall back to Postgres; /readyz reports ClickHouse until it answers.
                 logger.warning("clickhouse unavailable at start", extra={"error": str(exc)})
-            lists = SessionLists(settings, pool, clickhouse)
-            objects = ObjectStore(settings)
+            # What requests borrow: each borrowing answers within the dependency bound.
+            requests = BoundedPool(pool, timeout=settings.dependency_timeout_seconds)
+            lists = SessionLists(settings, requests, clickhouse)
+            objects = ObjectStore(settings, timeout=settings.dependency_timeout_seconds)
             activity = SessionActivity(pool)
             engine = StreamEngine(settings, pool, objects, activity)
             app.state.threadline = AppState(
                 settings=settings,
-                pool=pool,
+                pool=requests,
                 authenticator=Authenticator(
-                    pool,
+                    requests,
                     cache_seconds=settings.auth_cache_seconds,
                     jwt_leeway_seconds=settings.jwt_leeway_seconds,
                 ),

@@ -7,13 +7,12 @@ parts and the ClickHouse client stay behind them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import asyncpg
 from starlette.requests import HTTPConnection
 
 from threadline.auth.authenticator import Authenticator
 from threadline.config import Settings
+from threadline.db import BoundedPool
 from threadline.replication.consumer import ReplicationConsumer
 from threadline.sessions.lists import SessionLists
 from threadline.storage.objects import ObjectStore
@@ -25,7 +24,7 @@ __all__ = ["AppState", "app_state"]
 @dataclass(slots=True)
 class AppState:
     settings: Settings
-    pool: asyncpg.Pool[Any]
+    pool: BoundedPool
     authenticator: Authenticator
     objects: ObjectStore
     streams: StreamService

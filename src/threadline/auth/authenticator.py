@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import asyncpg
 from starlette.requests import HTTPConnection
 
 from threadline.auth.keys import find_key, hash_key
 from threadline.auth.principal import Environment, Principal
 from threadline.auth.tokens import InvalidToken, looks_like_jwt, read_unverified_env, verify_token
+from threadline.db import ConnectionSource
 from threadline.errors import Unauthorized
 from threadline.ids import SECRET_KEY_PREFIX
 
@@ -44,7 +44,7 @@ class _TtlCache:
 
 
 class Authenticator:
-    def __init__(self, pool: asyncpg.Pool[Any], *, cache_seconds: float, jwt_leeway_seconds: int) -> None:
+    def __init__(self, pool: ConnectionSource, *, cache_seconds: float, jwt_leeway_seconds: int) -> None:
         self._pool = pool
         self._leeway = jwt_leeway_seconds
         self._keys = _TtlCache(cache_seconds)

@@ -12,11 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
 
-import asyncpg
-
-from threadline.db import Conn
+from threadline.db import Conn, ConnectionSource
 from threadline.replication import SLOT
 
 __all__ = ["SlotStatus", "mirror_ready", "replicated_lsn", "slot_status", "wait_for_lsn"]
@@ -72,7 +69,7 @@ async def mirror_ready(conn: Conn, *, slot: str = SLOT) -> bool:
     return bool(ready)
 
 
-async def _reached(pool: asyncpg.Pool[Any], lsn: str, slot: str) -> bool:
+async def _reached(pool: ConnectionSource, lsn: str, slot: str) -> bool:
     async with pool.acquire() as conn:
         reached = await conn.fetchval(
             """SELECT coalesce($1::text::pg_lsn <= confirmed_flush_lsn, false)
@@ -85,7 +82,7 @@ async def _reached(pool: asyncpg.Pool[Any], lsn: str, slot: str) -> bool:
 
 # A bounded wait whose outcome is an answer (True/False), not an error, hence `timeout`.
 async def wait_for_lsn(
-    pool: asyncpg.Pool[Any],
+    pool: ConnectionSource,
     lsn: str,
     *,
     timeout: float,  # noqa: ASYNC109

@@ -8,12 +8,9 @@ session's scopes; stand-alone streams need an environment-wide scope (or a secre
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import asyncpg
 
 from threadline.auth.principal import Action, Principal, SessionRef
-from threadline.db import Conn
+from threadline.db import Conn, ConnectionSource
 from threadline.errors import Forbidden, SessionClosed, SessionExpired, StreamNotFound
 from threadline.sessions import repository
 from threadline.sessions.models import SessionView
@@ -51,7 +48,7 @@ async def authorized_session(conn: Conn, principal: Principal, action: Action, r
 
 
 async def channel_session(
-    pool: asyncpg.Pool[Any], principal: Principal, action: Action, ref: str
+    pool: ConnectionSource, principal: Principal, action: Action, ref: str
 ) -> SessionView:
     """The session owning a channel, if the caller may ``action`` its channels (403 / 404)."""
     if not principal.may_on_any_session(action):
@@ -78,7 +75,7 @@ class StreamAccess:
 
 
 async def stream_access(
-    pool: asyncpg.Pool[Any], principal: Principal, action: Action, name: str
+    pool: ConnectionSource, principal: Principal, action: Action, name: str
 ) -> StreamAccess:
     """Check the caller may ``action`` the stream ``name`` (already validated). A channel named by
     its session's externalId resolves to the canonical ``sessions/<session id>/<io>``."""

@@ -18,10 +18,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
-import asyncpg
-
 from threadline.config import Settings
-from threadline.db import Conn
+from threadline.db import Conn, ConnectionSource
 from threadline.errors import ReplicationLagging
 from threadline.replication.progress import mirror_ready, wait_for_lsn
 from threadline.sessions import clickhouse_listing, repository
@@ -55,7 +53,7 @@ class SessionLists:
     Postgres query.
     """
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool[Any], clickhouse: AsyncClient | None) -> None:
+    def __init__(self, settings: Settings, pool: ConnectionSource, clickhouse: AsyncClient | None) -> None:
         self._settings = settings
         self._pool = pool
         self._client = clickhouse  # None while unreachable

@@ -6,12 +6,16 @@ Dependency errors are translated here, once, into :class:`ObjectStoreUnavailable
 
 Retries are few and short on purpose: an append waits on its PUT, and SPEC §4 wants appends to
 fail fast (503) while the store is down rather than hang for object_store's default 3 minutes.
+On the request path every call is bounded by ``THREADLINE_DEPENDENCY_TIMEOUT_SECONDS``, so a
+stalled store (accepting connections, never answering) is a 503 within it too.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 import obstore
 from obstore.exceptions import NotFoundError
@@ -21,6 +25,8 @@ from threadline.config import Settings
 from threadline.errors import DependencyUnavailable
 
 __all__ = ["ObjectInfo", "ObjectStore", "ObjectStoreUnavailable"]
+
+T = TypeVar("T")
 
 
 class ObjectStoreUnavailable(DependencyUnavailable):
@@ -37,8 +43,19 @@ class ObjectInfo:
 
 
 class ObjectStore:
-    def __init__(self, settings: Settings) -> None:
+    """One bucket. With ``timeout`` (the request path: appends' PUTs, reads' GETs) every call answers
+    within that many seconds, a stalled store raising :class:`ObjectStoreUnavailable` (503
+    ``storage_unavailable``) rather than hanging; without it (background work: compaction, the
+    orphan sweep) calls keep the client's own, longer timeouts."""
+
+    def __init__(self, settings: Settings, *, timeout: float | None = None) -> None:
         self.bucket = settings.s3_bucket
+        self._settings = settings
+        self._timeout = timeout
+        request_timeout = timedelta(seconds=10) if timeout is None else timedelta(seconds=timeout)
+        # Retries happen only while this much of the call's time has passed: a refused connection
+        # is retried, a request that timed out is not (that wait already used the bound).
+        retry_timeout = timedelta(seconds=3) if timeout is None else request_timeout / 2
         self._store = S3Store(
             settings.s3_bucket,
             endpoint=settings.s3_endpoint,
@@ -46,57 +63,67 @@ class ObjectStore:
             access_key_id=settings.s3_access_key_id or None,
             secret_access_key=settings.s3_secret_access_key.get_secret_value() or None,
             allow_http=settings.s3_endpoint.startswith("http://"),
-            client_options={"timeout": "10s", "connect_timeout": "2s"},
+            client_options={
+                "timeout": request_timeout,
+                "connect_timeout": min(timedelta(seconds=2), request_timeout / 2),
+            },
             retry_config={
                 "max_retries": 2,
-                "retry_timeout": timedelta(seconds=3),
+                "retry_timeout": retry_timeout,
                 "backoff": {"init_backoff": timedelta(milliseconds=50), "max_backoff": timedelta(seconds=1)},
             },
         )
 
+    def background(self) -> ObjectStore:
+        """The same bucket for background work: no request bound, the client's longer timeouts."""
+        return ObjectStore(self._settings)
+
+    async def _call(self, what: str, call: Awaitable[T]) -> T:
+        """``call``'s result within the bound; a store that fails or does not answer in time is
+        unavailable. A missing object is an answer (FileNotFoundError / NotFoundError)."""
+        try:
+            if self._timeout is None:
+                return await call
+            async with asyncio.timeout(self._timeout):
+                return await call
+        except (FileNotFoundError, NotFoundError):
+            raise
+        except TimeoutError as exc:
+            raise ObjectStoreUnavailable(f"{what}: no answer within {self._timeout:g}s") from exc
+        except Exception as exc:
+            raise ObjectStoreUnavailable(f"{what} failed: {exc}") from exc
+
     async def ping(self) -> None:
         """Prove the bucket answers with our credentials (a missing key is a good answer)."""
         try:
-            await obstore.head_async(self._store, ".threadline-ping")
-        except FileNotFoundError:
+            await self._call(
+                f"object store {self.bucket!r}", obstore.head_async(self._store, ".threadline-ping")
+            )
+        except (FileNotFoundError, NotFoundError):
             return
-        except Exception as exc:
-            raise ObjectStoreUnavailable(f"object store {self.bucket!r} unreachable: {exc}") from exc
 
     async def put_new(self, key: str, data: bytes) -> None:
         """Write an object that must not exist yet (keys are random; this guards against reuse)."""
-        try:
-            await obstore.put_async(self._store, key, data, mode="create")
-        except Exception as exc:
-            raise ObjectStoreUnavailable(f"PUT {key} failed: {exc}") from exc
+        await self._call(f"PUT {key}", obstore.put_async(self._store, key, data, mode="create"))
 
     async def get_range(self, key: str, start: int, length: int) -> bytes:
-        try:
-            data = await obstore.get_range_async(self._store, key, start=start, length=length)
-        except (FileNotFoundError, NotFoundError):
-            raise
-        except Exception as exc:
-            raise ObjectStoreUnavailable(f"GET {key} failed: {exc}") from exc
+        data = await self._call(
+            f"GET {key}", obstore.get_range_async(self._store, key, start=start, length=length)
+        )
         return bytes(data)
 
     async def get_ranges(self, key: str, starts: Sequence[int], lengths: Sequence[int]) -> list[bytes]:
-        try:
-            parts = await obstore.get_ranges_async(
-                self._store, key, starts=list(starts), lengths=list(lengths)
-            )
-        except (FileNotFoundError, NotFoundError):
-            raise
-        except Exception as exc:
-            raise ObjectStoreUnavailable(f"GET {key} failed: {exc}") from exc
+        parts = await self._call(
+            f"GET {key}",
+            obstore.get_ranges_async(self._store, key, starts=list(starts), lengths=list(lengths)),
+        )
         return [bytes(part) for part in parts]
 
     async def delete(self, keys: Sequence[str]) -> None:
         try:
-            await obstore.delete_async(self._store, list(keys))
+            await self._call("DELETE", obstore.delete_async(self._store, list(keys)))
         except (FileNotFoundError, NotFoundError):
             return
-        except Exception as exc:
-            raise ObjectStoreUnavailable(f"DELETE failed: {exc}") from exc
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         try:

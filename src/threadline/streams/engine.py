@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from threadline.config import Settings
+from threadline.db import BoundedPool
 from threadline.storage.objects import ObjectStore
 from threadline.streams.cache import ChunkCache
 from threadline.streams.committer import ActivitySink, GroupCommitter
@@ -49,10 +50,13 @@ class StreamEngine:
             statement_timeout=settings.commit_timeout_seconds,
             outcome_wait=settings.commit_outcome_wait_seconds,
         )
-        self.reader = StreamReader(pool, objects, self.cache, max_read_bytes=settings.max_read_bytes)
-        self.maintenance = Maintenance(settings, pool, objects)
+        # The request path (lookups, reads) answers within the dependency bound; the committer
+        # and maintenance keep the plain pool and their own bounds.
+        requests = BoundedPool(pool, timeout=settings.dependency_timeout_seconds)
+        self.reader = StreamReader(requests, objects, self.cache, max_read_bytes=settings.max_read_bytes)
+        self.maintenance = Maintenance(settings, pool, objects.background())
         self.service = StreamService(
-            pool,
+            requests,
             self.committer,
             self.reader,
             self.live,

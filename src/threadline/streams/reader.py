@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
 
-import asyncpg
-
+from threadline.db import ConnectionSource
 from threadline.storage.objects import ObjectStore, ObjectStoreUnavailable
 from threadline.streams.cache import ChunkCache, ChunkKey
 from threadline.streams.heads import StreamHead
@@ -43,7 +41,7 @@ class ObjectReplaced(ObjectStoreUnavailable):
 
 class StreamReader:
     def __init__(
-        self, pool: asyncpg.Pool[Any], objects: ObjectStore, cache: ChunkCache, *, max_read_bytes: int
+        self, pool: ConnectionSource, objects: ObjectStore, cache: ChunkCache, *, max_read_bytes: int
     ) -> None:
         self._pool = pool
         self._objects = objects

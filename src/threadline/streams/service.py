@@ -20,10 +20,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
-import asyncpg
-
+from threadline.db import ConnectionSource
 from threadline.errors import ContentTypeMismatch, EmptyAppend, StreamGone, StreamNotFound, ValidationFailed
 from threadline.streams.committer import AppendOutcome, AppendRequest, GroupCommitter
 from threadline.streams.errors import check_content_type
@@ -110,7 +108,7 @@ class FollowStep:
 class StreamService:
     def __init__(
         self,
-        pool: asyncpg.Pool[Any],
+        pool: ConnectionSource,
         committer: GroupCommitter,
         reader: StreamReader,
         live: LiveHub,
