@@ -6,6 +6,7 @@ SIGKILL a real ``threadline serve`` process.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import threading
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -333,3 +335,54 @@ def test_kill_9_during_appends_loses_and_duplicates_nothing(
         assert all(count < per_producer for count in acked_before_kill.values()), "kill came too late"
     finally:
         restarted.stop()
+
+
+def test_a_fork_made_while_its_source_is_being_trimmed_waits_for_the_trim(
+    client: httpx.Client, settings: Settings
+) -> None:
+    """A trim and a fork of the same stream serialise on the source row: a fork below the new trim
+    point is refused, never created over history the trim is about to delete."""
+    name = f"fork-trim-{uuid.uuid4().hex[:8]}"
+    text = {"Content-Type": "text/plain"}
+    assert client.put(f"/v1/stream/{name}", headers=text).status_code == 201
+    for n in range(10):
+        assert client.post(f"/v1/stream/{name}", content=f"{n};".encode(), headers=text).status_code == 204
+
+    async def race() -> httpx.Response:
+        trim = await asyncpg.connect(settings.database_url)
+        watch = await asyncpg.connect(settings.database_url)
+        try:
+            # A trim in progress: its transaction holds the source row, as trim_stream's does.
+            transaction = trim.transaction()
+            await transaction.start()
+            await trim.execute(
+                "UPDATE streams SET trim_offset = 6 WHERE name = $1 AND deleted_at IS NULL", name
+            )
+            fork = asyncio.create_task(
+                asyncio.to_thread(
+                    client.put,
+                    f"/v1/stream/{name}-fork",
+                    headers={
+                        **text,
+                        "Stream-Forked-From": f"/v1/stream/{name}",
+                        "Stream-Fork-Offset": "0000000000000000_0000000000000003",
+                    },
+                )
+            )
+            for _ in range(600):  # the fork's transaction must be waiting for the trim's lock
+                waiting = await watch.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                )
+                if waiting or fork.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert not fork.done(), "the fork did not wait for the trim holding its source"
+            await transaction.commit()
+            return await fork
+        finally:
+            await trim.close()
+            await watch.close()
+
+    answer = asyncio.run(race())
+    assert_error(answer, 400, "invalid_fork_offset")
+    assert client.head(f"/v1/stream/{name}-fork").status_code == 404

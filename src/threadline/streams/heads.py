@@ -237,6 +237,12 @@ async def create_stream(
         source: StreamHead | None = None
         if settings.fork_source is not None:
             source = await find_head(conn, environment_id, settings.fork_source)
+            if source is not None:
+                # Hold the source row until this fork commits: a trim (which updates that row)
+                # then waits, and counts this fork among those whose history it must keep; and a
+                # trim that got there first is seen by reading the source again under the lock.
+                await conn.execute("SELECT 1 FROM streams WHERE id = $1 FOR SHARE", source.id)
+                source = await load_head_by_id(conn, source.id)
             if source is None or source.expired():
                 raise ForkSourceNotFound(f"fork source {settings.fork_source!r} not found")
             if source.deleted:
