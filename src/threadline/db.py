@@ -8,7 +8,6 @@ refuses to run against a database whose applied migrations were edited afterward
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -77,26 +76,32 @@ POSTGRES_UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 @asynccontextmanager
 async def discarding_on_failure(pool: asyncpg.Pool[Any], *, acquire_timeout: float) -> AsyncIterator[Conn]:
-    """A pooled connection that is closed instead of reused when the block fails with anything but
-    a Postgres error (timeout, cancellation, a lost or confused connection): after those the
-    protocol state is unknown, and the next user would fail with "another operation is in
-    progress". A Postgres error leaves the connection usable (its transaction was rolled back)."""
+    """A pooled connection that never goes back to the pool in a state the next user would trip
+    on. After an outage-like failure or a cancellation (a timeout mid-statement, a lost socket)
+    its protocol state is unknown, and reusing it fails with "another operation is in progress":
+    it is closed. After any other error it is usable, but a transaction opened by hand
+    (``BEGIN``) may still be open: it is rolled back here (closed if even that fails)."""
     conn = await pool.acquire(timeout=acquire_timeout)
     try:
         yield conn
-    except asyncpg.PostgresError:
-        if conn.is_in_transaction():  # a failed statement of a transaction opened by hand
-            try:
-                await conn.execute("ROLLBACK", timeout=acquire_timeout)
-            except Exception:
-                conn.terminate()
-        raise
-    except BaseException:
-        with contextlib.suppress(asyncpg.InterfaceError):  # asyncpg may have released it already
-            conn.terminate()
+    except BaseException as exc:
+        await _settle(conn, exc, rollback_timeout=acquire_timeout)
         raise
     finally:
         await pool.release(conn)
+
+
+async def _settle(conn: Conn, exc: BaseException, *, rollback_timeout: float) -> None:
+    try:
+        if isinstance(exc, POSTGRES_UNAVAILABLE) or not isinstance(exc, Exception):
+            conn.terminate()
+        elif conn.is_in_transaction():
+            try:
+                await conn.execute("ROLLBACK", timeout=rollback_timeout)
+            except Exception:
+                conn.terminate()
+    except asyncpg.InterfaceError:
+        pass  # asyncpg closed and released it already
 
 
 class ConnectionSource(Protocol):
@@ -112,9 +117,9 @@ class BoundedPool:
     (``THREADLINE_DEPENDENCY_TIMEOUT_SECONDS``) or raises :class:`TimeoutError` (503
     ``database_unavailable``), so a stalled Postgres costs a request that long, not a hang.
 
-    A connection whose block ended in a timeout, a cancellation or a connection error is closed
-    rather than reused (its protocol state is unknown); one whose block raised an ordinary error
-    (a 404, a Postgres error) goes back to the pool as usual. Background work (commits,
+    Connections are borrowed through :func:`discarding_on_failure`: one whose block ended in a
+    timeout, a cancellation or a connection error is closed rather than reused; one whose block
+    raised an ordinary error (a 404, a Postgres error) goes back to the pool as usual. Background work (commits,
     maintenance, replication) keeps the plain pool and its own, longer bounds."""
 
     def __init__(self, pool: asyncpg.Pool[Any], *, timeout: float) -> None:
@@ -129,20 +134,8 @@ class BoundedPool:
 async def _bounded_connection(pool: asyncpg.Pool[Any], seconds: float) -> AsyncIterator[Conn]:
     deadline = asyncio.timeout(seconds)
     try:
-        async with deadline:
-            conn = await pool.acquire(timeout=seconds)
-            try:
-                yield conn
-            except BaseException as exc:
-                # A Postgres error or an application error leaves the connection idle and usable;
-                # anything else (cancelled mid-statement by the deadline or the client, a lost
-                # socket) may leave it mid-protocol: close it, and the pool opens a new one.
-                if isinstance(exc, POSTGRES_UNAVAILABLE) or not isinstance(exc, Exception):
-                    with contextlib.suppress(asyncpg.InterfaceError):
-                        conn.terminate()
-                raise
-            finally:
-                await pool.release(conn)
+        async with deadline, discarding_on_failure(pool, acquire_timeout=seconds) as conn:
+            yield conn
     except TimeoutError as exc:
         if deadline.expired():
             raise TimeoutError(f"Postgres did not answer within {seconds:g}s") from exc

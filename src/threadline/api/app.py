@@ -150,7 +150,7 @@ def create_app(settings: Settings) -> Starlette:
             lists = SessionLists(settings, requests, clickhouse)
             objects = ObjectStore(settings, timeout=settings.dependency_timeout_seconds)
             activity = SessionActivity(pool)
-            engine = StreamEngine(settings, pool, objects, activity)
+            engine = StreamEngine(settings, pool, requests, objects, activity)
             app.state.threadline = AppState(
                 settings=settings,
                 pool=requests,

@@ -50,14 +50,28 @@ class LockedChannels:
 
 async def create_channels(conn: Conn, environment_id: str, session_id: str) -> None:
     """Insert the session's channel streams (empty, open, JSON mode)."""
+    await _insert_channels(conn, environment_id, session_id, {io: (None, 0, 0) for io in CHANNELS})
+
+
+async def _insert_channels(
+    conn: Conn, environment_id: str, session_id: str, starts: Mapping[str, tuple[int | None, int, int]]
+) -> None:
+    """Insert the session's channels; ``starts`` is, by io, ``(fork source stream id or None,
+    fork offset (also the first offset), trim offset)``."""
     await conn.execute(
-        """INSERT INTO streams (environment_id, name, session_id, io, content_type)
-           SELECT $1, v.name, $2, v.io, $3 FROM unnest($4::text[], $5::text[]) AS v (io, name)""",
+        """INSERT INTO streams (environment_id, name, session_id, io, content_type,
+                                fork_source_id, fork_offset, next_offset, trim_offset)
+           SELECT $1, v.name, $2, v.io, $3, v.source_id, v.fork_offset, v.fork_offset, v.trim_offset
+           FROM unnest($4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[])
+                AS v (io, name, source_id, fork_offset, trim_offset)""",
         environment_id,
         session_id,
         SESSION_CHANNEL_CONTENT_TYPE,
         list(CHANNELS),
         [session_channel_name(session_id, io) for io in CHANNELS],
+        [starts[io][0] for io in CHANNELS],
+        [starts[io][1] for io in CHANNELS],
+        [starts[io][2] for io in CHANNELS],
     )
 
 
@@ -122,20 +136,11 @@ async def fork_channels(
     """Insert ``session_id``'s channels as open forks of ``sources`` at ``fork_offsets`` (from
     :meth:`ForkSource.fork_point`). A fork starts at its source's trim point: what the source
     trimmed is gone for the fork too. Stats (records, bytes) start at zero: they count appends."""
-    await conn.execute(
-        """INSERT INTO streams (environment_id, name, session_id, io, content_type,
-                                fork_source_id, fork_offset, next_offset, trim_offset)
-           SELECT $1, v.name, $2, v.io, $3, v.source_id, v.fork_offset, v.fork_offset, v.trim_offset
-           FROM unnest($4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[])
-                AS v (io, name, source_id, fork_offset, trim_offset)""",
+    await _insert_channels(
+        conn,
         environment_id,
         session_id,
-        SESSION_CHANNEL_CONTENT_TYPE,
-        list(CHANNELS),
-        [session_channel_name(session_id, io) for io in CHANNELS],
-        [sources[io].stream_id for io in CHANNELS],
-        [fork_offsets[io] for io in CHANNELS],
-        [sources[io].trim_offset for io in CHANNELS],
+        {io: (sources[io].stream_id, fork_offsets[io], sources[io].trim_offset) for io in CHANNELS},
     )
 
 

@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 # (THREADLINE_ORPHAN_MIN_AGE_SECONDS must stay well above it).
 _MAX_PUT_TO_COMMIT_SECONDS = 60.0
 _OUTCOME_POLL_SECONDS = 0.05
+# A flush that failed on these left nothing committed (an unknown outcome is resolved first).
+_COMMIT_FAILED: tuple[type[BaseException], ...] = (*POSTGRES_UNAVAILABLE, asyncpg.PostgresError)
 
 
 class _Stalled(Exception):
@@ -270,7 +272,7 @@ class GroupCommitter:
                         ),
                     )
                     return
-                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except _COMMIT_FAILED as exc:
                     FLUSH_FAILURES.labels("postgres").inc()
                     logger.warning("group commit failed", extra={"error": str(exc), "appends": len(batch)})
                     self._fail(batch, DatabaseUnavailable("database unavailable"))
@@ -412,7 +414,7 @@ class GroupCommitter:
             return
         except asyncpg.PostgresError:
             raise  # Postgres answered: the transaction aborted
-        except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+        except POSTGRES_UNAVAILABLE as exc:
             # The connection's protocol state is unknown now: never reuse it. (asyncpg may have
             # closed it and handed it back to the pool already.)
             with contextlib.suppress(asyncpg.InterfaceError):

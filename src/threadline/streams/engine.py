@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from threadline.config import Settings
-from threadline.db import BoundedPool
+from threadline.db import ConnectionSource
 from threadline.storage.objects import ObjectStore
 from threadline.streams.cache import ChunkCache
 from threadline.streams.committer import ActivitySink, GroupCommitter
@@ -32,7 +32,12 @@ _APPEND_TARGETS = 20_000
 
 class StreamEngine:
     def __init__(
-        self, settings: Settings, pool: asyncpg.Pool[Any], objects: ObjectStore, activity: ActivitySink
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool[Any],
+        requests: ConnectionSource,
+        objects: ObjectStore,
+        activity: ActivitySink,
     ) -> None:
         self.settings = settings
         self.pool = pool
@@ -50,9 +55,8 @@ class StreamEngine:
             statement_timeout=settings.commit_timeout_seconds,
             outcome_wait=settings.commit_outcome_wait_seconds,
         )
-        # The request path (lookups, reads) answers within the dependency bound; the committer
-        # and maintenance keep the plain pool and their own bounds.
-        requests = BoundedPool(pool, timeout=settings.dependency_timeout_seconds)
+        # The request path (lookups, reads) borrows from ``requests`` (answers within the
+        # dependency bound); the committer and maintenance keep the plain pool and their own bounds.
         self.reader = StreamReader(requests, objects, self.cache, max_read_bytes=settings.max_read_bytes)
         self.maintenance = Maintenance(settings, pool, objects.background())
         self.service = StreamService(

@@ -36,7 +36,7 @@ from threadline.streams.heads import (
     trim_stream,
 )
 from threadline.streams.live import FrameKey, LiveHub, StreamTail
-from threadline.streams.names import is_json, media_type
+from threadline.streams.names import is_json
 from threadline.streams.offsets import Position, read_start
 from threadline.streams.producers import Producer
 from threadline.streams.reader import ReadResult, StreamReader
@@ -136,8 +136,8 @@ class StreamService:
         """An existing stream, if ``content_type`` (when given) is its type (409 otherwise): how a
         PUT confirms a stream it may not create, such as a session's channel."""
         head = await self.head(environment_id, name)
-        if content_type is not None and media_type(content_type) != media_type(head.content_type):
-            raise ContentTypeMismatch(f"this stream is {head.content_type}")
+        if content_type is not None:
+            check_content_type(content_type, head.content_type)
         return head
 
     # --- writes ------------------------------------------------------------------------------
