@@ -851,6 +851,25 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+_STOP_POLL_SECONDS = 0.2
+# A graceful stop finishes in-flight queries and closes chDB; past this bound the process exits
+# hard. The mirror is rebuilt from Postgres, so a lost in-flight insert costs a re-read, while
+# a sidecar that never exits outlives its launcher and holds the data directory's lock.
+_STOP_GRACE_SECONDS = 15.0
+
+
+def _exit_if_stop_hangs() -> None:
+    """Arm a daemon timer that ends the process if the graceful stop outlasts its bound."""
+
+    def force() -> None:
+        logger.error("stop_forced", extra={"fields": {"pid": os.getpid(), "grace_s": _STOP_GRACE_SECONDS}})
+        os._exit(1)
+
+    timer = threading.Timer(_STOP_GRACE_SECONDS, force)
+    timer.daemon = True
+    timer.start()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then finish in-flight requests, close chDB and exit 0."""
     args = _parse_args(argv)
@@ -901,7 +920,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
         },
     )
-    stop.wait()
+    # Poll rather than block: a process-directed signal (the parent-death SIGTERM) may be
+    # delivered to any of chDB's or the HTTP server's threads, and then a main thread blocked
+    # without a timeout would never run the Python-level handler.
+    while not stop.wait(timeout=_STOP_POLL_SECONDS):
+        pass
+    _exit_if_stop_hangs()
     server.shutdown()  # stop accepting
     server.close_idle_connections()
     server.server_close()  # waits for in-flight requests
