@@ -13,6 +13,7 @@ strictly (an unknown field fails), and the manifests agree with each other and w
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,8 +22,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, clickhouse_rows
 from threadline.config import Settings
+from threadline.embedded.stack import StackEndpoints
+from threadline.streams.collector import RECORD_PREFIXES
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 K8S = REPO_ROOT / "deploy" / "k8s"
@@ -231,3 +234,81 @@ def test_manifests_agree_with_each_other_and_with_the_server(base_url: str) -> N
     )
     assert config_map["data"]["THREADLINE_PORT"] == str(ports["http"])
     assert config_map["data"]["THREADLINE_HOST"] == "0.0.0.0"
+
+
+# --- ClickHouse cluster DDL and S3 lifecycle -----------------------------------------------------
+
+CLUSTER_SQL = REPO_ROOT / "deploy" / "clickhouse" / "cluster.sql"
+_COLUMN = re.compile(r"^\s+([a-z_]+)\s+(.+?)(?:\s+DEFAULT\s.*?|\s+COMMENT\s.*?)*,?$")
+
+
+def _cluster_tables() -> dict[str, dict[str, Any]]:
+    """Each CREATE TABLE in cluster.sql: its columns (name -> type), engine and keys."""
+    tables: dict[str, dict[str, Any]] = {}
+    for statement in CLUSTER_SQL.read_text().split(";"):
+        match = re.search(r"CREATE TABLE IF NOT EXISTS (\w+) ON CLUSTER", statement)
+        if match is None:
+            continue
+        body = statement[statement.index("(") + 1 : statement.index("\n)")]
+        columns = {}
+        for line in body.splitlines():
+            if line.strip() and not line.strip().startswith("INDEX"):
+                column = _COLUMN.match(line)
+                assert column is not None, line
+                columns[column.group(1)] = column.group(2)
+        tables[match.group(1)] = {
+            "columns": columns,
+            "engine": re.search(r"ENGINE = (\w+)", statement).group(1),  # type: ignore[union-attr]
+            "order": re.search(r"ORDER BY \(?([^)\n]+)\)?", statement).group(1),  # type: ignore[union-attr]
+            "indexes": set(re.findall(r"INDEX (\w+)", statement)),
+        }
+    return tables
+
+
+def test_the_clickhouse_cluster_tables_match_what_the_schema_files_create(
+    stack: StackEndpoints, base_url: str
+) -> None:
+    """cluster.sql must stay the same table as clickhouse_schema/ builds (read from the real
+    ClickHouse the test server migrated), replicated: a column missing there would make every
+    replication batch fail on a cluster."""
+    tables = _cluster_tables()
+    assert set(tables) == {"sessions_v1", "replication_state"}
+    for name, table in tables.items():
+        assert table["engine"] == "ReplicatedReplacingMergeTree"
+        described = clickhouse_rows(
+            stack,
+            "SELECT name, type FROM system.columns WHERE database = currentDatabase() AND table = {t:String}"
+            " ORDER BY position",
+            t=name,
+        )
+        assert [(column, kind) for column, kind in described] == list(table["columns"].items()), name
+        sorting_key, engine_full = clickhouse_rows(
+            stack,
+            "SELECT sorting_key, engine_full FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
+            t=name,
+        )[0]
+        assert sorting_key == table["order"]
+        assert "ReplacingMergeTree" in engine_full
+        indexes = clickhouse_rows(
+            stack,
+            "SELECT name FROM system.data_skipping_indices WHERE database = currentDatabase() AND table = {t:String}",
+            t=name,
+        )
+        assert {index for (index,) in indexes} == table["indexes"]
+
+
+def test_s3_lifecycle_rules_never_expire_live_record_objects() -> None:
+    """Records live under batches/ and segments/ for as long as their streams do, and an orphan
+    there looks like any other object: only Threadline's sweep may delete them. The rules may
+    clean up what Threadline already deleted (noncurrent versions) and abandoned uploads."""
+    rules = json.loads((REPO_ROOT / "deploy" / "s3" / "lifecycle.json").read_text())["Rules"]
+    assert rules
+    for rule in rules:
+        prefix = rule["Filter"].get("Prefix", "")
+        expiration = rule.get("Expiration", {})
+        expires_current = "Days" in expiration or "Date" in expiration
+        for record_prefix in RECORD_PREFIXES:
+            if record_prefix.startswith(prefix) or prefix.startswith(record_prefix):
+                assert not expires_current, rule["ID"]
+                assert "Transitions" not in rule, rule["ID"]  # archive tiers are not readable at once
+    assert any("NoncurrentVersionExpiration" in rule for rule in rules)
