@@ -10,6 +10,7 @@ groups by. The rules are also checked by Prometheus's own ``promtool``: syntax, 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -364,3 +365,29 @@ def test_promtool_rejects_a_broken_rule(tmp_path: Path) -> None:
         [PROMTOOL, "check", "rules", str(broken)], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode != 0
+
+
+# --- the guide -----------------------------------------------------------------------------------
+
+GUIDE = REPO_ROOT / "docs" / "production.md"
+
+
+def test_the_production_guide_lists_every_threadline_metric(
+    metrics_after_workload: dict[str, set[str] | None],
+) -> None:
+    guide = GUIDE.read_text()
+    missing = set()
+    for name in metrics_after_workload:
+        if not name.startswith("threadline_"):
+            continue
+        base = re.sub(r"_(total|created|bucket|count|sum)$", "", name)
+        if f"`{base}" not in guide:
+            missing.add(base)
+    assert not missing, f"not in docs/production.md#metrics: {sorted(missing)}"
+
+
+def test_the_production_guide_links_to_files_that_exist() -> None:
+    links = re.findall(r"\]\((\.\./[^)#]+|[a-z]+\.md)(?:#[^)]*)?\)", GUIDE.read_text())
+    assert any("deploy/k8s" in link for link in links)
+    for link in links:
+        assert (GUIDE.parent / link).resolve().exists(), link
