@@ -1,8 +1,9 @@
 """Failures of the services Threadline depends on, counted in one family for every caller.
 
 Each dependency's errors are translated in one place: ``db.discarding_on_failure`` for Postgres
-(requests and group commits), ``storage.objects`` for S3, ``storage.clickhouse.clickhouse_errors``
-for ClickHouse. Each counts here, whatever the caller then does with the error (a 503, a retry, a
+(requests and group commits; the replication consumer's and the listener's own connections retry
+and log instead), ``storage.objects`` for S3, ``storage.clickhouse.clickhouse_errors`` for
+ClickHouse (plus the list timeout in ``sessions.lists``). Each counts here, whatever the caller then does with the error (a 503, a retry, a
 list served from Postgres instead), so dashboards and alerts can tell which dependency is failing
 without knowing every code path that calls it.
 """

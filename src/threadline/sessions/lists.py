@@ -23,6 +23,7 @@ from prometheus_client import Histogram
 from threadline.config import Settings
 from threadline.db import Conn, ConnectionSource
 from threadline.errors import ReplicationLagging
+from threadline.metrics import count_dependency_error
 from threadline.replication.progress import mirror_ready, wait_for_lsn
 from threadline.sessions import clickhouse_listing, repository
 from threadline.sessions.listing import CountQuery, ListQuery
@@ -142,6 +143,8 @@ class SessionLists:
                 QUERY_SECONDS.labels(kind, "clickhouse").observe(time.perf_counter() - started)
                 return result, "clickhouse"
             except (ClickHouseUnavailable, ClickHouseError, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError):  # cut short here, so clickhouse_errors did not see it
+                    count_dependency_error("clickhouse")
                 self._failed(exc)
         async with self._pool.acquire() as conn:
             result = await from_postgres(conn)
