@@ -312,3 +312,15 @@ def test_s3_lifecycle_rules_never_expire_live_record_objects() -> None:
                 assert not expires_current, rule["ID"]
                 assert "Transitions" not in rule, rule["ID"]  # archive tiers are not readable at once
     assert any("NoncurrentVersionExpiration" in rule for rule in rules)
+
+
+def test_the_pods_run_as_the_images_own_user() -> None:
+    """runAsNonRoot needs a numeric USER in the image to check; the manifests use the same ids."""
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE)
+    assert user is not None, "the Dockerfile's USER must be numeric uid:gid"
+    assert f"--uid {user.group(1)} --gid {user.group(2)}" in dockerfile
+    for kind in ("Deployment", "Job"):
+        context = _kind(kind)["spec"]["template"]["spec"]["securityContext"]
+        assert context["runAsNonRoot"] is True
+        assert (str(context["runAsUser"]), str(context["runAsGroup"])) == user.groups(), kind
