@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO_ROOT, Tenant, bearer, eventually, run
 from threadline.config import Settings
+from threadline.embedded.ports import free_port
 from threadline.storage.clickhouse import ClickHouseError, clickhouse_errors, connect_clickhouse
 
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "threadline.json"
@@ -365,6 +367,103 @@ def test_promtool_rejects_a_broken_rule(tmp_path: Path) -> None:
         [PROMTOOL, "check", "rules", str(broken)], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode != 0
+
+
+# --- a real Prometheus scraping the test server ------------------------------------------------
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+
+
+def _query(url: str, expr: str) -> dict[str, Any]:
+    answer: dict[str, Any] = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=30).json()
+    return answer
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    base_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    metrics_after_workload: dict[str, set[str] | None],
+) -> Iterator[str]:
+    """Debian's Prometheus scraping the test server every second, with the alert rules loaded
+    (after the workload, so the server has something of everything to show)."""
+    if not Path(PROMETHEUS).exists():
+        pytest.fail("prometheus is missing: apt-get install prometheus (.ci/run does)")
+    directory = tmp_path_factory.mktemp("prometheus")
+    target = httpx.URL(base_url)
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERTS)],
+        "scrape_configs": [
+            {"job_name": "threadline", "static_configs": [{"targets": [f"{target.host}:{target.port}"]}]}
+        ],
+    }
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = (directory / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={directory / 'prometheus.yml'}",
+            f"--storage.tsdb.path={directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def scraped_enough() -> bool:
+        assert process.poll() is None, (directory / "prometheus.log").read_text()
+        try:
+            # rate() needs two samples in its window; a few more make every window hold some.
+            result = _query(url, 'count_over_time(up{job="threadline"}[1m]) >= 5 and up == 1')
+        except httpx.TransportError:
+            return False
+        return bool(result["data"]["result"])
+
+    try:
+        eventually(scraped_enough, timeout=180, interval=1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+def test_every_dashboard_query_runs_on_a_real_prometheus(prometheus: str) -> None:
+    """Prometheus's own engine accepts each query over real scraped series, and the panels of
+    the things a running server always has (requests, live readers, the mirror's leader flag,
+    dependency errors at 0, the scrape itself) show data."""
+    empty = []
+    for expr in dashboard_exprs():
+        answer = _query(prometheus, expr.replace("[1m]", "[30s]"))
+        assert answer["status"] == "success", (expr, answer)
+        if not answer["data"]["result"]:
+            empty.append(expr)
+    for metric in [
+        "up",
+        "threadline_http_requests_total",
+        "threadline_live_readers",
+        "threadline_replication_leader",
+        "threadline_dependency_errors_total",
+        "process_resident_memory_bytes",
+    ]:
+        reading = [expr for expr in dashboard_exprs() if metric in {s.metric for s in selectors(expr)}]
+        assert reading, metric
+        assert any(expr not in empty for expr in reading), f"no panel reading {metric} shows data"
+
+
+def test_the_alert_rules_load_and_evaluate_on_a_real_prometheus(prometheus: str) -> None:
+    def all_evaluated() -> list[dict[str, Any]] | None:
+        groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=30).json()["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        return rules if rules and all(rule["health"] != "unknown" for rule in rules) else None
+
+    rules = eventually(all_evaluated, timeout=60, interval=1)
+    assert {rule["name"] for rule in rules} == {rule["alert"] for rule in alert_rules()}
+    broken = [(rule["name"], rule.get("lastError")) for rule in rules if rule["health"] != "ok"]
+    assert not broken
 
 
 # --- the guide -----------------------------------------------------------------------------------
