@@ -5,6 +5,8 @@ is parsed (``promql-parser``, the Rust PromQL parser) and each metric it selects
 the test server's ``/metrics`` after a short real workload, with every label it matches on or
 groups by. The rules are also checked by Prometheus's own ``promtool``: syntax, and
 ``alerts_test.yml``, where each alert fires on its failure and stays quiet on a healthy instance.
+Finally a real Prometheus (Debian's) scrapes the test server: every dashboard query runs on its
+engine and every rule evaluates without error.
 """
 
 from __future__ import annotations
