@@ -9,8 +9,10 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY pg_migrations ./pg_migrations
 COPY clickhouse_schema ./clickhouse_schema
-RUN pip install ".[server]" && useradd --system --no-create-home threadline
-USER threadline
+RUN pip install ".[server]" && groupadd --system --gid 10001 threadline \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home threadline
+# A fixed uid: Kubernetes can check runAsNonRoot against it (deploy/k8s runs as 10001).
+USER 10001:10001
 
 ENV THREADLINE_HOST=0.0.0.0 THREADLINE_PORT=8080
 EXPOSE 8080

@@ -18,6 +18,7 @@ import asyncpg
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
     ServerThread,
@@ -83,11 +84,25 @@ def _requests(client: httpx.Client, session_id: str) -> dict[str, httpx.Request]
     }
 
 
+def _dependency_errors(client: httpx.Client, dependency: str) -> float:
+    """``threadline_dependency_errors_total{kind="unavailable"}`` for one dependency, from
+    /metrics (which needs no dependency, so it answers during the outage too)."""
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "threadline_dependency_errors_total" and sample.labels == {
+                "dependency": dependency,
+                "kind": "unavailable",
+            }:
+                return float(sample.value)
+    raise AssertionError("threadline_dependency_errors_total is not on /metrics")
+
+
 def test_postgres_down_is_503_with_retry_after_on_every_route_family(
     own_stack: EmbeddedStack, server: str, own_tenant: Tenant
 ) -> None:
     with httpx.Client(base_url=server, headers=bearer(own_tenant.key), timeout=60) as client:
         session = client.post("/api/v1/sessions", json={"type": "chat"}).json()
+        errors_before = _dependency_errors(client, "postgres")
         own_stack.stop_service("postgres")
         try:
             for family, request in _requests(client, session["id"]).items():
@@ -96,6 +111,8 @@ def test_postgres_down_is_503_with_retry_after_on_every_route_family(
                 assert response.headers.get("retry-after") == "1", family
                 if request.method != "HEAD":
                     assert_error(response, 503, "database_unavailable")
+            # Each refused request failed to borrow a connection: the dashboard sees Postgres fail.
+            assert _dependency_errors(client, "postgres") >= errors_before + len(_requests(client, "x"))
             readyz = client.get("/readyz")
             assert readyz.status_code == 503
             assert readyz.json()["checks"]["postgres"]["ok"] is False
@@ -115,11 +132,13 @@ def test_s3_down_is_503_for_appends_and_reads_and_nothing_is_half_written(
         name = "/v1/stream/faults-s3"
         assert client.put(name, headers={"Content-Type": "text/plain"}).status_code == 201
         assert client.post(name, content=b"before", headers={"Content-Type": "text/plain"}).status_code == 204
+        errors_before = _dependency_errors(client, "s3")
         own_stack.stop_service("s3")
         try:
             failed = client.post(name, content=b"during", headers={"Content-Type": "text/plain"})
             assert_error(failed, 503, "storage_unavailable")
             assert failed.headers.get("retry-after") == "1"
+            assert _dependency_errors(client, "s3") > errors_before
         finally:
             own_stack.start_service("s3")
         read = client.get(name, params={"offset": "-1"})

@@ -22,6 +22,7 @@ import asyncpg
 
 from threadline.config import sql_dir
 from threadline.errors import EngineError
+from threadline.metrics import count_dependency_error
 
 __all__ = [
     "POSTGRES_UNAVAILABLE",
@@ -81,10 +82,16 @@ async def discarding_on_failure(pool: asyncpg.Pool[Any], *, acquire_timeout: flo
     its protocol state is unknown, and reusing it fails with "another operation is in progress":
     it is closed. After any other error it is usable, but a transaction opened by hand
     (``BEGIN``) may still be open: it is rolled back here (closed if even that fails)."""
-    conn = await pool.acquire(timeout=acquire_timeout)
+    try:
+        conn = await pool.acquire(timeout=acquire_timeout)
+    except POSTGRES_UNAVAILABLE:
+        count_dependency_error("postgres")
+        raise
     try:
         yield conn
     except BaseException as exc:
+        if isinstance(exc, POSTGRES_UNAVAILABLE):
+            count_dependency_error("postgres")
         await _settle(conn, exc, rollback_timeout=acquire_timeout)
         raise
     finally:
@@ -138,6 +145,8 @@ async def _bounded_connection(pool: asyncpg.Pool[Any], seconds: float) -> AsyncI
             yield conn
     except TimeoutError as exc:
         if deadline.expired():
+            # The bound cancelled the block, which discarding_on_failure does not count.
+            count_dependency_error("postgres")
             raise TimeoutError(f"Postgres did not answer within {seconds:g}s") from exc
         raise
 

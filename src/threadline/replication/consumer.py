@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -85,6 +86,13 @@ BACKFILLED = Counter("threadline_replication_backfilled_rows_total", "Sessions c
 RETAINED_WAL_BYTES = Gauge(
     "threadline_replication_retained_wal_bytes", "WAL Postgres keeps for the slot (leader's last reading)"
 )
+SAFE_WAL_BYTES = Gauge(
+    "threadline_replication_safe_wal_bytes",
+    "WAL Postgres may still write before it invalidates the slot (leader's last reading; "
+    "NaN while unknown or max_slot_wal_keep_size is unlimited)",
+)
+# NaN, not 0, until read: 0 would mean "invalidation is imminent" to a dashboard or an alert.
+SAFE_WAL_BYTES.set(math.nan)
 SLOT_RECREATED = Counter(
     "threadline_replication_slot_recreated_total", "Slots found invalidated by Postgres and recreated"
 )
@@ -368,6 +376,8 @@ class ReplicationConsumer:
         status = await slot_status(conn)
         if status is not None and status.retained_wal_bytes is not None:
             RETAINED_WAL_BYTES.set(status.retained_wal_bytes)
+        if status is not None:
+            SAFE_WAL_BYTES.set(math.nan if status.safe_wal_bytes is None else status.safe_wal_bytes)
 
     async def _consume(self, conn: asyncpg.Connection[Any], clickhouse: AsyncClient) -> None:
         while True:

@@ -18,9 +18,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
+from prometheus_client import Histogram
+
 from threadline.config import Settings
 from threadline.db import Conn, ConnectionSource
 from threadline.errors import ReplicationLagging
+from threadline.metrics import count_dependency_error
 from threadline.replication.progress import mirror_ready, wait_for_lsn
 from threadline.sessions import clickhouse_listing, repository
 from threadline.sessions.listing import CountQuery, ListQuery
@@ -43,6 +46,15 @@ QUERY_TIMEOUT_SECONDS = 10.0  # a ClickHouse query slower than this falls back t
 CONNECT_TIMEOUT_SECONDS = 2.0
 
 logger = logging.getLogger(__name__)
+
+# Which store answered and how fast, per query kind: a list that silently moved to the Postgres
+# fallback (ClickHouse down, mirror not ready) is visible as a change of source, not an error.
+QUERY_SECONDS = Histogram(
+    "threadline_session_list_duration_seconds",
+    "Session list and count queries by kind and the store that served them (minLsn waits included)",
+    ["kind", "source"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 
 
 class SessionLists:
@@ -98,6 +110,7 @@ class SessionLists:
             return repository.Page(sessions, window.next, window.previous)
 
         return await self._served(
+            "list",
             query.min_lsn,
             from_clickhouse,
             lambda conn: repository.list_sessions(conn, environment_id, query),
@@ -106,6 +119,7 @@ class SessionLists:
     async def count(self, environment_id: str, query: CountQuery) -> tuple[dict[str, Any], ListSource]:
         """``{count, byStatus}`` and where it was counted; raises ServiceUnavailable like a list."""
         return await self._served(
+            "count",
             query.min_lsn,
             lambda client: clickhouse_listing.count_sessions(client, environment_id, query.filters),
             lambda conn: repository.count_sessions(conn, environment_id, query.filters),
@@ -113,21 +127,29 @@ class SessionLists:
 
     async def _served(
         self,
+        kind: Literal["list", "count"],
         min_lsn: str | None,
         from_clickhouse: Callable[[AsyncClient], Awaitable[T]],
         from_postgres: Callable[[Conn], Awaitable[T]],
     ) -> tuple[T, ListSource]:
         """Run a read on ClickHouse when it should and can serve it, else on Postgres."""
+        started = time.perf_counter()
         client = await self._usable_clickhouse()
         if client is not None:
             await self._wait_for_replication(min_lsn)
             try:
                 async with asyncio.timeout(QUERY_TIMEOUT_SECONDS):
-                    return await from_clickhouse(client), "clickhouse"
+                    result = await from_clickhouse(client)
+                QUERY_SECONDS.labels(kind, "clickhouse").observe(time.perf_counter() - started)
+                return result, "clickhouse"
             except (ClickHouseUnavailable, ClickHouseError, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError):  # cut short here, so clickhouse_errors did not see it
+                    count_dependency_error("clickhouse")
                 self._failed(exc)
         async with self._pool.acquire() as conn:
-            return await from_postgres(conn), "postgres"
+            result = await from_postgres(conn)
+        QUERY_SECONDS.labels(kind, "postgres").observe(time.perf_counter() - started)
+        return result, "postgres"
 
     async def _usable_clickhouse(self) -> AsyncClient | None:
         """The client to list with, or None when lists should come from Postgres."""

@@ -22,6 +22,7 @@ from clickhouse_connect.driver import exceptions as ch_exceptions
 from clickhouse_connect.driver.asyncclient import AsyncClient
 
 from threadline.errors import DependencyRefused, DependencyUnavailable
+from threadline.metrics import count_dependency_error
 
 __all__ = [
     "DEFAULT_DATABASE",
@@ -63,10 +64,13 @@ def clickhouse_errors(action: str) -> Iterator[None]:
     except (ClickHouseError, ClickHouseUnavailable):
         raise
     except ch_exceptions.StreamFailureError as exc:  # an error in the middle of a result
+        count_dependency_error("clickhouse", "refused")
         raise ClickHouseError(f"ClickHouse failed while {action}: {exc}", code=exc.code) from exc
     except (ch_exceptions.OperationalError, aiohttp.ClientError, OSError) as exc:  # OSError: timeouts too
+        count_dependency_error("clickhouse")
         raise ClickHouseUnavailable(f"ClickHouse is unavailable while {action}: {exc}") from exc
     except ch_exceptions.ClickHouseError as exc:
+        count_dependency_error("clickhouse", "refused")
         code = getattr(exc, "code", None)
         raise ClickHouseError(
             f"ClickHouse refused {action}: {exc}", code=code if isinstance(code, int) else None
@@ -185,4 +189,5 @@ async def ping_clickhouse(client: AsyncClient) -> None:
     with clickhouse_errors("pinging"):
         ok = await client.ping()
     if not ok:
+        count_dependency_error("clickhouse")
         raise ClickHouseUnavailable("ClickHouse did not answer /ping")

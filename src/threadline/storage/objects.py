@@ -23,6 +23,7 @@ from obstore.store import S3Store
 
 from threadline.config import Settings
 from threadline.errors import DependencyUnavailable
+from threadline.metrics import count_dependency_error
 
 __all__ = ["ObjectInfo", "ObjectStore", "ObjectStoreUnavailable"]
 
@@ -89,8 +90,10 @@ class ObjectStore:
         except (FileNotFoundError, NotFoundError):
             raise
         except TimeoutError as exc:
+            count_dependency_error("s3")
             raise ObjectStoreUnavailable(f"{what}: no answer within {self._timeout:g}s") from exc
         except Exception as exc:
+            count_dependency_error("s3")
             raise ObjectStoreUnavailable(f"{what} failed: {exc}") from exc
 
     async def ping(self) -> None:
@@ -131,4 +134,5 @@ class ObjectStore:
                 for meta in batch:
                     yield ObjectInfo(meta["path"], meta["size"], meta["last_modified"])
         except Exception as exc:
+            count_dependency_error("s3")
             raise ObjectStoreUnavailable(f"LIST {prefix} failed: {exc}") from exc

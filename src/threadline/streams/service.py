@@ -20,6 +20,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Literal
+
+from prometheus_client import Counter, Gauge
 
 from threadline.db import ConnectionSource
 from threadline.errors import ContentTypeMismatch, EmptyAppend, StreamGone, StreamNotFound, ValidationFailed
@@ -54,6 +57,19 @@ _MAX_SHARED = 32
 # gone or a new stream took the name): resolve the name again and retry once. The append was
 # refused, so nothing was written.
 _STALE_TARGET = (StreamNotFound, StreamGone, ContentTypeMismatch)
+
+# "sse": follow (both SSE routes); "long_poll": poll. Per instance: a load balancer that piles
+# subscribers on one instance shows here.
+LiveMode = Literal["sse", "long_poll"]
+LIVE_READERS = Gauge("threadline_live_readers", "Live reads open on this instance (SSE, long-poll)", ["mode"])
+LIVE_RECORDS = Counter(
+    "threadline_live_records_delivered_total",
+    "Records handed to live readers, catch-up included (one record to N readers counts N)",
+    ["mode"],
+)
+for _mode in ("sse", "long_poll"):
+    LIVE_READERS.labels(_mode)
+    LIVE_RECORDS.labels(_mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,11 +247,13 @@ class StreamService:
     async def poll(self, head: StreamHead, start: int, wait_seconds: float) -> ReadResult:
         """Long-poll: the records from ``start``, waiting up to ``wait_seconds`` for the first one.
         No records means the wait ran out or the stream is closed at ``start``."""
-        async with self._watching(head) as (fresh, tail):
+        async with self._watching(head, "long_poll") as (fresh, tail):
             if start >= tail.next_offset and not tail.closed:
                 await tail.wait_beyond(start, wait_seconds)
             if start < tail.next_offset:
-                return await self._reader.read(fresh, start, tail=tail)
+                result = await self._reader.read(fresh, start, tail=tail)
+                LIVE_RECORDS.labels("long_poll").inc(len(result.records))
+                return result
             return ReadResult([], start, tail.next_offset, tail.closed)
 
     async def follow(
@@ -254,7 +272,8 @@ class StreamService:
         rather than having commits queued for it."""
         loop = asyncio.get_running_loop()
         position = start
-        async with self._watching(head) as (fresh, tail):
+        delivered = LIVE_RECORDS.labels("sse")
+        async with self._watching(head, "sse") as (fresh, tail):
             while True:
                 fresh.check_readable(position)
                 version = tail.version
@@ -266,6 +285,8 @@ class StreamService:
                     if tail.version == version and len(tail.reads) < _MAX_SHARED:
                         tail.reads[position] = result
                 step = FollowStep(position, result, tail, version)
+                if result.records:
+                    delivered.inc(len(result.records))
                 yield step
                 if result.records:
                     position = result.next_offset
@@ -280,11 +301,18 @@ class StreamService:
                     await tail.wait_beyond(position, wait)
 
     @contextlib.asynccontextmanager
-    async def _watching(self, head: StreamHead) -> AsyncIterator[tuple[StreamHead, StreamTail]]:
+    async def _watching(
+        self, head: StreamHead, mode: LiveMode
+    ) -> AsyncIterator[tuple[StreamHead, StreamTail]]:
         """Register as a live reader of ``head``'s stream, then re-read the head: a commit between
         the first read and the registration would otherwise be missed until the next one."""
-        with self._live.watch(head.id) as tail:
-            async with self._pool.acquire() as conn:
-                fresh = await load_head_by_id(conn, head.id)
-            tail.apply(TailChange(fresh.id, fresh.next_offset, fresh.closed, None))
-            yield fresh, tail
+        readers = LIVE_READERS.labels(mode)
+        readers.inc()
+        try:
+            with self._live.watch(head.id) as tail:
+                async with self._pool.acquire() as conn:
+                    fresh = await load_head_by_id(conn, head.id)
+                tail.apply(TailChange(fresh.id, fresh.next_offset, fresh.closed, None))
+                yield fresh, tail
+        finally:
+            readers.dec()
