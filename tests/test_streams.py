@@ -288,7 +288,7 @@ def test_kill_9_during_appends_loses_and_duplicates_nothing(
     """Producers append at full speed with Producer-Id; the server is SIGKILLed mid-run and
     restarted on the same port; producers retry whatever was not acknowledged. Every
     acknowledged record must be there exactly once, in order, and retries must not duplicate."""
-    server = ServeProcess(stack, tmp_path / "serve-1.log")
+    server = ServeProcess(stack, tmp_path / "serve-1.log", workers=2)
     port = server.port
     headers = {**bearer(tenant.key), **JSON}
     streams = [f"/v1/stream/{_name('crash')}" for _ in range(4)]
@@ -322,7 +322,7 @@ def test_kill_9_during_appends_loses_and_duplicates_nothing(
     eventually(lambda: sum(len(v) for v in acked.values()) >= 100, timeout=60, interval=0.01)
     server.kill()
     acked_before_kill = {path: len(values) for path, values in acked.items()}
-    restarted = ServeProcess(stack, tmp_path / "serve-2.log", port=port)
+    restarted = ServeProcess(stack, tmp_path / "serve-2.log", port=port, workers=2)
     try:
         for thread in threads:
             thread.join(120)
