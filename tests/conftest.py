@@ -297,6 +297,19 @@ def clickhouse_rows(endpoints: StackEndpoints, sql: str, **parameters: Any) -> l
         client.close()
 
 
+def read_json_stream(client: httpx.Client, path: str) -> list[Any]:
+    """Every JSON value in a stream, following Stream-Next-Offset until up to date."""
+    values: list[Any] = []
+    offset = "-1"
+    while True:
+        response = client.get(path, params={"offset": offset})
+        assert response.status_code == 200, response.text
+        values.extend(response.json())
+        offset = response.headers["Stream-Next-Offset"]
+        if response.headers.get("Stream-Up-To-Date") == "true":
+            return values
+
+
 def eventually(check: Any, *, timeout: float = 30.0, interval: float = 0.2) -> Any:
     """Poll ``check`` until it returns a truthy value; fail with its last value at the deadline."""
     deadline = time.monotonic() + timeout

@@ -110,6 +110,7 @@ def test_durable_streams_conformance_suite_passes(stack: StackEndpoints, tmp_pat
         tmp_path / "serve.log",
         workers=2,
         THREADLINE_LONG_POLL_TIMEOUT_SECONDS=str(LONG_POLL_SECONDS),
+        THREADLINE_AUTH_CACHE_SECONDS="0",  # as every other test server
     )
     try:
         completed = _run_suite(npx, server.url, tenant.key, report)

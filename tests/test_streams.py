@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import ServeProcess, ServerThread, Tenant, assert_error, bearer, eventually
+from tests.conftest import read_json_stream as _read_all
 from threadline.config import Settings
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
 
@@ -29,19 +30,6 @@ JSON = {"Content-Type": "application/json"}
 
 def _name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def _read_all(client: httpx.Client, path: str) -> list[Any]:
-    """Every JSON value in a stream, following Stream-Next-Offset until up to date."""
-    values: list[Any] = []
-    offset = "-1"
-    while True:
-        response = client.get(path, params={"offset": offset})
-        assert response.status_code == 200, response.text
-        values.extend(response.json())
-        offset = response.headers["Stream-Next-Offset"]
-        if response.headers.get("Stream-Up-To-Date") == "true":
-            return values
 
 
 def test_concurrent_appends_to_many_streams_share_objects(

@@ -15,22 +15,10 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import ServeProcess, Tenant, bearer, eventually
+from tests.conftest import ServeProcess, Tenant, bearer, eventually, read_json_stream
 from threadline.embedded.stack import StackEndpoints
 
 JSON = {"Content-Type": "application/json"}
-
-
-def _read_all(client: httpx.Client, path: str) -> list[Any]:
-    values: list[Any] = []
-    offset = "-1"
-    while True:
-        response = client.get(path, params={"offset": offset})
-        assert response.status_code == 200, response.text
-        values.extend(response.json())
-        offset = response.headers["Stream-Next-Offset"]
-        if response.headers.get("Stream-Up-To-Date") == "true":
-            return values
 
 
 def _metric(url: str, name: str) -> float:
@@ -73,7 +61,7 @@ def test_a_killed_worker_is_replaced_and_the_port_keeps_serving(
                 with httpx.Client(base_url=server.url, headers=headers, timeout=30) as fresh:
                     response = fresh.post(path, content=json.dumps({"i": i}))
                 assert response.status_code in (200, 204), response.text
-            assert _read_all(c, path) == [{"i": i} for i in range(40)]
+            assert read_json_stream(c, path) == [{"i": i} for i in range(40)]
         # /metrics (whichever worker answers) counts every worker's appends, the dead one's too.
         assert _metric(server.url, "threadline_stream_records_total") >= 40
     finally:
@@ -157,7 +145,7 @@ def test_sigterm_drains_every_worker_keeps_acknowledged_appends_and_exits_0(
     try:
         with httpx.Client(base_url=restarted.url, headers=headers, timeout=30) as c:
             for path in streams:
-                values = [value["seq"] for value in _read_all(c, path)]
+                values = [value["seq"] for value in read_json_stream(c, path)]
                 done = acked[path]
                 assert done == list(range(len(done)))
                 # Every acknowledged append is there once, in order; at most the one append in
