@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -52,6 +53,11 @@ def _free_port() -> int:
 def _env_file(path: Path) -> dict[str, str]:
     pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
     return {key: value for key, value in pairs}
+
+
+def _counter(text: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else float("nan")
 
 
 def _tree_cpu(root: psutil.Process) -> float:
@@ -116,10 +122,20 @@ def run_one(
                 "throughput", "--per-request", "1", "--streams", "100", "--in-flight", "64",
                 "--seconds", str(args.seconds),
             ],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True, check=False,
         )  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(f"loadgen failed against {server} ×{workers}: {out.stderr[-1500:]}")
         cpu = _tree_cpu(root) - cpu0
         result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        # Appends per group commit (the batching each worker achieves on its own); /metrics covers
+        # every worker only under `threadline serve` (granian's workers each report their own).
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        if server == "uvicorn" or workers == 1:
+            flushes = _counter(metrics, "threadline_stream_flushes_total")
+            result["appends_per_flush"] = round(
+                _counter(metrics, "threadline_stream_records_total") / flushes, 1
+            )
     finally:
         _stop(proc)
     requests = int(result["requests"])
@@ -129,6 +145,7 @@ def run_one(
         "records_per_s": round(result["records_per_s"]),
         "server_cpu_ms_per_append": round(cpu * 1000 / max(1, requests), 3),
         "server_cores_busy": round(cpu / result["seconds"], 2),
+        "appends_per_flush": result.get("appends_per_flush"),
         "loadgen_cpu_s": round(result["loadgen_cpu_s"], 1),
         "load_average_1m": round(load0, 1),
     }
