@@ -140,6 +140,13 @@ class Supervisor(Multiprocess):
                 _forget_metrics(old)
                 logger.warning("worker died; restarted", extra={"dead_pid": old, "new_pid": new})
 
+    def handle_hup(self) -> None:
+        """SIGHUP: uvicorn replaces the workers one by one; forget the retired ones' gauges."""
+        before = set(self.pids())
+        super().handle_hup()
+        for pid in before - set(self.pids()):
+            _forget_metrics(pid)
+
 
 def _forget_metrics(pid: int) -> None:
     """Drop a gone worker's live gauges (leader flag, lag) from the aggregate /metrics."""
