@@ -30,6 +30,8 @@ from typing import Any
 import httpx
 import psutil
 
+from harness import tree_cpu_seconds
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -58,17 +60,6 @@ def _env_file(path: Path) -> dict[str, str]:
 def _counter(text: str, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else float("nan")
-
-
-def _tree_cpu(root: psutil.Process) -> float:
-    total = 0.0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
 
 
 def _start(server: str, workers: int, port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -115,7 +106,7 @@ def run_one(
     proc = _start(server, workers, port, env, Path(f"/tmp/bench-workers-{server}-{workers}.log"))
     try:
         root = psutil.Process(proc.pid)
-        cpu0, load0 = _tree_cpu(root), os.getloadavg()[0]
+        cpu0, load0 = tree_cpu_seconds(root), os.getloadavg()[0]
         out = subprocess.run(
             [
                 sys.executable, str(HERE / "loadgen.py"), "--url", f"http://127.0.0.1:{port}", "--token", key,
@@ -126,7 +117,7 @@ def run_one(
         )  # fmt: skip
         if out.returncode != 0:
             raise RuntimeError(f"loadgen failed against {server} ×{workers}: {out.stderr[-1500:]}")
-        cpu = _tree_cpu(root) - cpu0
+        cpu = tree_cpu_seconds(root) - cpu0
         result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
         # Appends per group commit (the batching each worker achieves on its own); /metrics covers
         # every worker only under `threadline serve` (granian's workers each report their own).
