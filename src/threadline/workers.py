@@ -51,8 +51,14 @@ _CLEAN_EXITS = frozenset({0, -signal.SIGTERM, -signal.SIGINT})
 
 
 def worker_count(configured: int) -> int:
-    """``0`` means one worker per CPU."""
-    return configured if configured > 0 else max(1, os.cpu_count() or 1)
+    """``0`` means one worker per CPU this process may run on (its affinity mask, which a
+    container's cpuset narrows; a CPU quota does not, so set the count there)."""
+    if configured > 0:
+        return configured
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -12,7 +12,7 @@ def test_workers_setting_defaults_to_one_per_cpu() -> None:
     from threadline.workers import worker_count
 
     assert Settings.model_fields["workers"].default == 0
-    assert worker_count(0) == (os.cpu_count() or 1)
+    assert worker_count(0) == len(os.sched_getaffinity(0))
     assert worker_count(3) == 3
 
 
