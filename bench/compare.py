@@ -34,7 +34,7 @@ import obstore
 import psutil
 from obstore.store import S3Store
 
-from harness import REPO, pct, start_server, stop_server, tenant, write_results
+from harness import REPO, pct, start_server, stop_server, tenant, tree_cpu_seconds, tree_rss, write_results
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
 
 PEER_DIR = REPO / "bench" / "peer"
@@ -215,8 +215,8 @@ def start_peer(data_dir: Path | None) -> tuple[subprocess.Popen[str], str]:
 async def run_load(target: Target, workload: Workload) -> dict[str, Any]:
     """One load-generator process; the server's peak RSS and CPU are sampled meanwhile."""
     server = psutil.Process(target.pid)
-    cpu0 = server.cpu_times()
-    peak_rss = server.memory_info().rss
+    cpu0 = tree_cpu_seconds(server)
+    peak_rss = tree_rss(server)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(LOADGEN),
@@ -231,16 +231,16 @@ async def run_load(target: Target, workload: Workload) -> dict[str, Any]:
     started = time.perf_counter()
     communicate = asyncio.ensure_future(process.communicate())
     while not communicate.done():
-        peak_rss = max(peak_rss, server.memory_info().rss)
+        peak_rss = max(peak_rss, tree_rss(server))
         await asyncio.wait([communicate], timeout=0.2)
     stdout, stderr = communicate.result()
     wall = time.perf_counter() - started
-    cpu1 = server.cpu_times()
+    cpu1 = tree_cpu_seconds(server)
     if process.returncode != 0:
         return {"error": stderr.decode()[-500:]}
     result: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
     result["server_rss_mib"] = peak_rss / 2**20
-    result["server_cpu_s"] = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    result["server_cpu_s"] = cpu1 - cpu0
     result["wall_s"] = wall
     return result
 

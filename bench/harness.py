@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -20,6 +21,36 @@ from threadline.auth.keys import bootstrap_environment, create_api_key  # noqa: 
 from threadline.db import apply_migrations  # noqa: E402
 from threadline.embedded.ports import free_port  # noqa: E402
 from threadline.embedded.stack import StackEndpoints  # noqa: E402
+
+
+def _tree(root: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return [root]
+
+
+def tree_cpu_seconds(root: psutil.Process) -> float:
+    """CPU seconds of a server and all its processes (`threadline serve` runs one per CPU)."""
+    total = 0.0
+    for proc in _tree(root):
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def tree_rss(root: psutil.Process) -> int:
+    """Resident bytes of a server and all its processes."""
+    total = 0
+    for proc in _tree(root):
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
 
 
 def pct(samples: list[float], q: float) -> float:

@@ -27,7 +27,7 @@ import aiohttp
 import orjson
 import psutil
 
-from harness import pct, start_server, stop_server, tenant, write_results
+from harness import pct, start_server, stop_server, tenant, tree_rss, write_results
 from threadline.embedded.stack import EmbeddedStack
 
 MIB = 1024 * 1024
@@ -101,14 +101,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 writer = Writer(client, path)
                 writing = asyncio.create_task(writer.run())
                 await asyncio.sleep(5)
-                baseline = process.memory_info().rss
+                baseline = tree_rss(process)
                 writer.phase = "stuck"
                 started = time.monotonic()
                 for _ in range(args.readers):
                     sockets.append(stuck_reader(url, path, key))
                 peak = baseline
                 while not all(closed_by_server(sock) for sock in sockets):
-                    peak = max(peak, process.memory_info().rss)
+                    peak = max(peak, tree_rss(process))
                     if time.monotonic() - started > args.send_timeout + 120:
                         break
                     await asyncio.sleep(0.25)
@@ -116,7 +116,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 closed = sum(closed_by_server(sock) for sock in sockets)
                 writer.phase = "after"
                 await asyncio.sleep(5)
-                after = process.memory_info().rss
+                after = tree_rss(process)
                 writing.cancel()
                 async with client.get("/metrics") as response:
                     metrics = await response.text()

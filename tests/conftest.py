@@ -8,6 +8,7 @@ Nothing here is mocked: tests that need a service get the real one from the same
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import psutil
 import pytest
 import uvicorn
 from blockbuster import BlockBuster, blockbuster_ctx
@@ -108,13 +110,27 @@ def base_url(settings: Settings) -> Iterator[str]:
 
 
 class ServeProcess:
-    """``threadline serve`` as a real child process (for kill -9 tests), on the given stack."""
+    """``threadline serve`` as a real child process (for kill -9 tests), on the given stack.
 
-    def __init__(self, endpoints: StackEndpoints, log: Path, *, port: int | None = None, **env: str) -> None:
+    ``workers`` > 1 runs the production multi-process server (a supervisor and its workers, in
+    a process group of their own so that :meth:`kill` crashes all of them at once).
+    """
+
+    def __init__(
+        self,
+        endpoints: StackEndpoints,
+        log: Path,
+        *,
+        port: int | None = None,
+        workers: int = 1,
+        **env: str,
+    ) -> None:
         self.port = port or free_port()
+        self.workers = workers
         self.log = log.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "threadline", "serve"],
+            [sys.executable, "-m", "threadline", "serve", "--workers", str(workers)],
+            start_new_session=True,
             env={
                 **os.environ,
                 **endpoints.as_env(),
@@ -140,18 +156,33 @@ class ServeProcess:
         match = re.search(r"^threadline_replication_leader (\S+)$", text, re.MULTILINE)
         return match is not None and float(match.group(1)) == 1.0
 
+    def worker_pids(self) -> list[int]:
+        """The worker processes' pids (the supervisor's spawned children), or [] with one worker."""
+        pids = []
+        for child in psutil.Process(self.proc.pid).children():
+            with contextlib.suppress(psutil.Error):  # gone, or a zombie not yet reaped
+                if any("spawn_main" in part for part in child.cmdline()):
+                    pids.append(child.pid)
+        return pids
+
     def kill(self) -> None:
-        """SIGKILL: a crash, with no chance to finish anything."""
-        self.proc.kill()
+        """SIGKILL to the supervisor and every worker: a crash, with no chance to finish anything."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
         self.log.close()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-        if not self.log.closed:
-            self.log.close()
+        """SIGTERM, as a process manager stops a server: the graceful drain."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # leave nothing behind, even after a failure
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            if not self.log.closed:
+                self.log.close()
 
 
 def run(coro: Any) -> Any:
@@ -264,6 +295,19 @@ def clickhouse_rows(endpoints: StackEndpoints, sql: str, **parameters: Any) -> l
         return [tuple(row) for row in client.query(sql, parameters=parameters).result_rows]
     finally:
         client.close()
+
+
+def read_json_stream(client: httpx.Client, path: str) -> list[Any]:
+    """Every JSON value in a stream, following Stream-Next-Offset until up to date."""
+    values: list[Any] = []
+    offset = "-1"
+    while True:
+        response = client.get(path, params={"offset": offset})
+        assert response.status_code == 200, response.text
+        values.extend(response.json())
+        offset = response.headers["Stream-Next-Offset"]
+        if response.headers.get("Stream-Up-To-Date") == "true":
+            return values
 
 
 def eventually(check: Any, *, timeout: float = 30.0, interval: float = 0.2) -> Any:

@@ -490,7 +490,7 @@ def test_a_subscription_resumes_across_a_server_restart(
     stack: StackEndpoints, tenant: Tenant, tl: Threadline, tmp_path: Path
 ) -> None:
     session = tl.sessions.create("sub-restart")
-    server = ServeProcess(stack, tmp_path / "serve-1.log")
+    server = ServeProcess(stack, tmp_path / "serve-1.log", workers=2)
     try:
         with Threadline(server.url, tenant.key) as client:
             collector = Collector(client.channel(session.id, "out").subscribe("-1"))
@@ -498,7 +498,7 @@ def test_a_subscription_resumes_across_a_server_restart(
             collector.wait_for(1)
             server.stop()
             tl.channel(session.id, "out").append({"i": 1})  # written while the subscriber's server is down
-            server = ServeProcess(stack, tmp_path / "serve-2.log", port=server.port)
+            server = ServeProcess(stack, tmp_path / "serve-2.log", port=server.port, workers=2)
             collector.wait_for(2)
             tl.channel(session.id, "out").append({"i": 2})
             collector.wait_for(3)

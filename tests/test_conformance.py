@@ -1,5 +1,5 @@
 """The official Durable Streams conformance suite (npm ``@durable-streams/server-conformance-tests``)
-against a live Threadline with auth on.
+against a live Threadline with auth on, served by `threadline serve --workers 2`.
 
 The bar: every non-reserved test passes (332 of 338). The 6 "Reserved subscription APIs" tests are
 skipped by the suite itself unless a server opts into subscriptions; any other skip fails this test,
@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import REPO_ROOT, ServerThread, make_tenant, settings_for
+from tests.conftest import REPO_ROOT, ServeProcess, make_tenant, settings_for
 from threadline.embedded.stack import StackEndpoints
 
 CONFORMANCE_DIR = REPO_ROOT / "conformance"
@@ -101,11 +101,21 @@ def test_durable_streams_conformance_suite_passes(stack: StackEndpoints, tmp_pat
     npx = _check_installed()
     # A short long-poll timeout, as the suite expects: two offset=now long-polls would otherwise
     # outlast vitest's 5 s per-test timeout.
-    settings = settings_for(stack, long_poll_timeout_seconds=LONG_POLL_SECONDS)
-    tenant = make_tenant(settings, "conformance")
+    tenant = make_tenant(settings_for(stack), "conformance")
     report = tmp_path / "conformance-report.json"
-    with ServerThread(settings) as base_url:
-        completed = _run_suite(npx, base_url, tenant.key, report)
+    # The production server with two workers: requests of one test land on either, so a read
+    # that follows an append, or a long-poll that waits for one, crosses processes.
+    server = ServeProcess(
+        stack,
+        tmp_path / "serve.log",
+        workers=2,
+        THREADLINE_LONG_POLL_TIMEOUT_SECONDS=str(LONG_POLL_SECONDS),
+        THREADLINE_AUTH_CACHE_SECONDS="0",  # as every other test server
+    )
+    try:
+        completed = _run_suite(npx, server.url, tenant.key, report)
+    finally:
+        server.stop()
     assert report.is_file(), (
         f"vitest wrote no report (exit {completed.returncode}):\n"
         f"{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"

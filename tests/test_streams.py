@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import ServeProcess, ServerThread, Tenant, assert_error, bearer, eventually
+from tests.conftest import read_json_stream as _read_all
 from threadline.config import Settings
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
 
@@ -29,19 +30,6 @@ JSON = {"Content-Type": "application/json"}
 
 def _name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def _read_all(client: httpx.Client, path: str) -> list[Any]:
-    """Every JSON value in a stream, following Stream-Next-Offset until up to date."""
-    values: list[Any] = []
-    offset = "-1"
-    while True:
-        response = client.get(path, params={"offset": offset})
-        assert response.status_code == 200, response.text
-        values.extend(response.json())
-        offset = response.headers["Stream-Next-Offset"]
-        if response.headers.get("Stream-Up-To-Date") == "true":
-            return values
 
 
 def test_concurrent_appends_to_many_streams_share_objects(
@@ -288,7 +276,7 @@ def test_kill_9_during_appends_loses_and_duplicates_nothing(
     """Producers append at full speed with Producer-Id; the server is SIGKILLed mid-run and
     restarted on the same port; producers retry whatever was not acknowledged. Every
     acknowledged record must be there exactly once, in order, and retries must not duplicate."""
-    server = ServeProcess(stack, tmp_path / "serve-1.log")
+    server = ServeProcess(stack, tmp_path / "serve-1.log", workers=2)
     port = server.port
     headers = {**bearer(tenant.key), **JSON}
     streams = [f"/v1/stream/{_name('crash')}" for _ in range(4)]
@@ -322,7 +310,7 @@ def test_kill_9_during_appends_loses_and_duplicates_nothing(
     eventually(lambda: sum(len(v) for v in acked.values()) >= 100, timeout=60, interval=0.01)
     server.kill()
     acked_before_kill = {path: len(values) for path, values in acked.items()}
-    restarted = ServeProcess(stack, tmp_path / "serve-2.log", port=port)
+    restarted = ServeProcess(stack, tmp_path / "serve-2.log", port=port, workers=2)
     try:
         for thread in threads:
             thread.join(120)

@@ -27,6 +27,22 @@ def _add_tenancy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", default="dev", help="environment slug (default: dev)")
 
 
+def _workers(value: str) -> int:
+    count = int(value)
+    if count < 0:
+        raise argparse.ArgumentTypeError("must be 0 (one per CPU) or more")
+    return count
+
+
+def _add_workers_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers",
+        type=_workers,
+        default=None,
+        help="server processes on the one port (default THREADLINE_WORKERS, else one per CPU; 0 = one per CPU)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="threadline", description="Durable session streams for AI agents.")
     parser.add_argument("--version", action="version", version=f"threadline {__version__}")
@@ -39,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--fresh", action="store_true", help="wipe the data directory first")
     dev.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     dev.add_argument("--port", type=int, default=None, help="HTTP port (default 8080; 0 picks a free one)")
+    _add_workers_arg(dev)
 
-    commands.add_parser("serve", help="run the server against THREADLINE_* configured services")
+    serve = commands.add_parser("serve", help="run the server against THREADLINE_* configured services")
+    _add_workers_arg(serve)
     commands.add_parser("migrate", help="apply Postgres migrations and the ClickHouse schema")
     replication = commands.add_parser("replication", help="the ClickHouse mirror's replication slot")
     replication_commands = replication.add_subparsers(dest="replication_command", required=True)

@@ -24,6 +24,15 @@ class Settings(BaseSettings):
     # HTTP server
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description=(
+            "Server worker processes on the one port (serve and dev); 0 = one per CPU. Each has "
+            "its own event loop, pool and caches; 1 runs the server in the launching process."
+        ),
+    )
 
     # Postgres: the source of truth.
     database_url: str = Field(

@@ -139,6 +139,15 @@ def run_dev(settings: Settings, *, fresh: bool) -> int:
         _write_private(settings.data_dir / DEV_ENDPOINTS_FILE, "".join(f"{k}={v}\n" for k, v in env.items()))
         key = asyncio.run(_dev_key(settings))
         from threadline.api.app import uvicorn_config
+        from threadline.workers import run_workers, worker_count
+
+        workers = worker_count(settings.workers)
+        if workers > 1:
+
+            def announce(port: int) -> None:
+                print(_banner(settings, endpoints, key, port, time.perf_counter() - started), flush=True)
+
+            return run_workers(settings, workers, on_ready=announce)
 
         config = uvicorn_config(settings)
         # The loop `threadline serve` runs on (uvloop when installed), so dev measures the same.

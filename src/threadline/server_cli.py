@@ -196,10 +196,15 @@ async def _ui_link(args: argparse.Namespace, settings: Settings) -> None:
     print(f"read-only (list, get, live tail) until {expires}; anyone with the link can read", file=sys.stderr)
 
 
-def _serve(settings: Settings) -> None:
+def _serve(settings: Settings) -> int:
     from threadline.api.app import uvicorn_config
+    from threadline.workers import run_workers, worker_count
 
+    workers = worker_count(settings.workers)
+    if workers > 1:
+        return run_workers(settings, workers)
     uvicorn.Server(uvicorn_config(settings)).run()
+    return 0
 
 
 def run_server_command(args: argparse.Namespace) -> None:
@@ -216,10 +221,14 @@ def run_server_command(args: argparse.Namespace) -> None:
                 overrides["host"] = args.host
             if args.port is not None:
                 overrides["port"] = args.port
+            if args.workers is not None:
+                overrides["workers"] = args.workers
             settings = base.model_copy(update=overrides)
             sys.exit(run_dev(settings, fresh=args.fresh))
         elif args.command == "serve":
-            _serve(base)
+            sys.exit(
+                _serve(base if args.workers is None else base.model_copy(update={"workers": args.workers}))
+            )
         elif args.command == "replication":
             asyncio.run(_replication(args, _settings()))
         elif args.command == "migrate":

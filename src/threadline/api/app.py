@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -230,14 +230,22 @@ def create_app(settings: Settings) -> Starlette:
     return app
 
 
-def uvicorn_config(settings: Settings, *, host: str | None = None, port: int | None = None) -> uvicorn.Config:
+def uvicorn_config(
+    settings: Settings,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    app: Callable[[], Starlette] | None = None,
+) -> uvicorn.Config:
     """How every entry point (serve, dev, tests) runs the app: our logging, no access log.
 
     uvicorn's access log would print query strings, which may carry ``?token=``; requests are
-    logged by :class:`RequestObservabilityMiddleware` instead.
+    logged by :class:`RequestObservabilityMiddleware` instead. ``app``, a picklable factory, is
+    for worker processes, which each build their own app (see :mod:`threadline.workers`).
     """
     return uvicorn.Config(
-        create_app(settings),
+        create_app(settings) if app is None else app,
+        factory=app is not None,
         host=settings.host if host is None else host,
         port=settings.port if port is None else port,
         log_config=None,

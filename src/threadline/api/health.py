@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -15,6 +16,7 @@ from starlette.routing import Route
 from threadline.api.state import AppState, app_state
 from threadline.replication import SLOT
 from threadline.replication.progress import slot_status
+from threadline.workers import METRICS_DIR_ENV
 
 __all__ = ["routes"]
 
@@ -107,9 +109,20 @@ async def readyz(request: Request) -> Response:
     return JSONResponse(body, 200 if ready else 503)
 
 
+def _exposition() -> bytes:
+    """This process's metrics, or with several workers every worker's, summed (counters,
+    histograms) or the largest (gauges): workers write their samples to files in a shared
+    directory (prometheus_client's multiprocess mode, switched on by :mod:`threadline.workers`)."""
+    if not os.environ.get(METRICS_DIR_ENV):
+        return generate_latest()
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
 async def metrics(request: Request) -> Response:
-    # The process collector reads /proc files: off the event loop (the registry is thread-safe).
-    return Response(await asyncio.to_thread(generate_latest), media_type=CONTENT_TYPE_LATEST)
+    # Collectors read files (/proc, the workers' sample files): off the event loop.
+    return Response(await asyncio.to_thread(_exposition), media_type=CONTENT_TYPE_LATEST)
 
 
 routes = [

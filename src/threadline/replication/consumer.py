@@ -66,11 +66,23 @@ _POSTGRES_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
 # The sessions_v1 columns in schema order, from the one definition in sessions.fields.
 COLUMNS = [column.name for column in SESSIONS_V1_COLUMNS]
 
-LEADER = Gauge("threadline_replication_leader", "1 while this instance leads the sessions mirror")
-LAG_BYTES = Gauge(
-    "threadline_replication_lag_bytes", "WAL bytes between the flush position and the confirmed one"
+# With several workers (threadline.workers) /metrics aggregates every live worker: these gauges
+# report the largest value among them, so the instance reads as leader while any worker leads.
+LEADER = Gauge(
+    "threadline_replication_leader",
+    "1 while this instance leads the sessions mirror",
+    multiprocess_mode="livemax",
 )
-LAG_SECONDS = Gauge("threadline_replication_lag_seconds", "Age of the oldest commit not yet in ClickHouse")
+LAG_BYTES = Gauge(
+    "threadline_replication_lag_bytes",
+    "WAL bytes between the flush position and the confirmed one",
+    multiprocess_mode="livemax",
+)
+LAG_SECONDS = Gauge(
+    "threadline_replication_lag_seconds",
+    "Age of the oldest commit not yet in ClickHouse",
+    multiprocess_mode="livemax",
+)
 BATCHES = Counter("threadline_replication_batches_total", "Batches written to ClickHouse")
 ROWS = Counter("threadline_replication_rows_total", "Session rows written to ClickHouse (after coalescing)")
 BATCH_ROWS = Histogram(
@@ -84,7 +96,9 @@ FLUSH_SECONDS = Histogram(
 FLUSH_FAILURES = Counter("threadline_replication_flush_failures_total", "Failed ClickHouse inserts (retried)")
 BACKFILLED = Counter("threadline_replication_backfilled_rows_total", "Sessions copied by backfills")
 RETAINED_WAL_BYTES = Gauge(
-    "threadline_replication_retained_wal_bytes", "WAL Postgres keeps for the slot (leader's last reading)"
+    "threadline_replication_retained_wal_bytes",
+    "WAL Postgres keeps for the slot (leader's last reading)",
+    multiprocess_mode="livemax",
 )
 SAFE_WAL_BYTES = Gauge(
     "threadline_replication_safe_wal_bytes",
