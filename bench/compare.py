@@ -8,8 +8,12 @@ bench/peer by `npm ci` if missing) twice: in memory, and with its file store. Ev
 in a separate load-generator process (bench/loadgen.py) against each server in turn, through the
 same protocol; the orchestrator samples the server's RSS and CPU while it runs. The floor (S3 PUT,
 Postgres commit, on the same stack) is measured in the same run. The full run adds the list and
-replication-lag benchmark (bench/list_replication.py, its own stack). Results: one table on stdout
-and bench/results/compare{,_quick}.{json,md}.
+replication-lag benchmark (bench/list_replication.py, its own stack). Last, the chat-shaped ramp
+(bench/chat.py: N sessions, each one writer at 20 records/s and one SSE subscriber) on the same
+server and both peers. Results: one table on stdout and bench/results/compare{,_quick}.{json,md}.
+
+    --workers N   sets THREADLINE_WORKERS for the `threadline serve` it starts (multi-worker servers)
+    --procs P     the chat ramp's load-generator processes (default: one per 200 sessions)
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import obstore
 import psutil
 from obstore.store import S3Store
 
+import chat
 from harness import REPO, pct, start_server, stop_server, tenant, write_results
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
 
@@ -343,6 +348,8 @@ def render(result: dict[str, Any]) -> str:
                 f"{res['loadgen_cpu_s']:.1f} of {res['loadgen_wall_s']:.1f} s"
             )
         lines.append(f"| {row['title']} | " + " | ".join(cells) + " |")
+    if result.get("chat"):
+        lines += ["", chat.render(result["chat"])]
     lists = result.get("lists")
     if lists:
         lines += ["", "Lists and replication (bench/list_replication.py, same command):", ""]
@@ -376,7 +383,7 @@ def render(result: dict[str, Any]) -> str:
 # --- main -------------------------------------------------------------------------------------
 
 
-async def compare(quick: bool) -> dict[str, Any]:
+async def compare(quick: bool, workers: int | None, procs: int) -> dict[str, Any]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000 SSE sockets on each side
     ensure_peer_installed()
@@ -389,6 +396,7 @@ async def compare(quick: bool) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "peer_version": peer_version,
+        "workers": workers,
     }
     with tempfile.TemporaryDirectory() as tmp, EmbeddedStack(Path(tmp) / "stack") as stack:
         endpoints = stack.endpoints
@@ -396,7 +404,9 @@ async def compare(quick: bool) -> dict[str, Any]:
         result["floor"] = await floor(
             endpoints, 100 if quick else 1000, 1 if quick else 5, 10_000 if quick else 100_000
         )
-        process, url = await start_server(endpoints)
+        process, url = await start_server(
+            endpoints, **({"THREADLINE_WORKERS": str(workers)} if workers else {})
+        )
         peer_dir = Path(tmp) / "peer-data"
         file_peer, file_url = start_peer(peer_dir)
         memory_peer, memory_url = start_peer(None)
@@ -415,6 +425,15 @@ async def compare(quick: bool) -> dict[str, Any]:
                         f"{workload.key:>11} {target.name:>12}: {json.dumps(workload.results[target.name])}",
                         file=sys.stderr,
                     )
+            settings = chat.Settings.of(quick)
+            settings.procs = procs
+            ours = frozenset(t.pid for t in targets[1:])  # this run's idle peers: not the stack
+            result["chat"] = await chat.with_peers(
+                chat.ChatTarget("threadline", url, process.pid, "realtime", token=key),
+                settings,
+                Path(tmp),
+                exclude=ours,
+            )
         finally:
             await stop_server(process)
             for target in targets:
@@ -427,8 +446,8 @@ async def compare(quick: bool) -> dict[str, Any]:
     return result
 
 
-def main(quick: bool) -> None:
-    result = asyncio.run(compare(quick))
+def main(quick: bool, workers: int | None, procs: int) -> None:
+    result = asyncio.run(compare(quick, workers, procs))
     if not quick:
         subprocess.run([sys.executable, str(REPO / "bench" / "list_replication.py")], check=True)
         result["lists"] = json.loads((REPO / "bench" / "results" / "list_replication.json").read_text())
@@ -439,5 +458,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes; about a minute")
-    main(parser.parse_args().quick)
+    parser.add_argument("--quick", action="store_true", help="small sizes; about two minutes")
+    chat.add_arguments(parser)
+    args = parser.parse_args()
+    main(args.quick, args.workers, args.procs)

@@ -1,0 +1,420 @@
+"""One load-generator process of the chat-shaped workload (driven by bench/chat.py).
+
+    python bench/chat_load.py --url URL [--token T] --api realtime|stream|sessions-stream \\
+        --sessions K [--first I] [--rate 20] [--seconds 10] [--record-bytes 100]
+
+A chat is one session (or one plain stream): one writer appending one ~100 B JSON record per
+request at ``--rate`` records/s to the session's ``out`` channel, and one SSE subscriber on that
+channel. Protocol per ``--api``:
+
+    realtime         Threadline as an agent and a browser use it (the SDK's session channels):
+                     POST /api/v1/sessions, POST /realtime/v1/sessions/<id>/out/append,
+                     GET /realtime/v1/sessions/<id>/out (one SSE `message` event per record)
+    sessions-stream  Threadline sessions through the Durable Streams protocol on
+                     /v1/stream/sessions/<id>/out (POST, GET live=sse)
+    stream           any Durable Streams server: PUT /v1/stream/<name>, POST, GET live=sse
+
+The process sets everything up (sessions, one keep-alive writer connection and one SSE connection
+per chat), prints ``{"ready": ...}`` and waits for a start time (epoch seconds) on stdin, so that
+several generator processes write during the same window. It then writes for ``--seconds``, waits
+up to ``--settle`` seconds for every acknowledged record to reach its subscriber, and prints one
+JSON object: every delivery and ack latency in ms, each writer's records sent over its scheduled
+count, errors, missing and out-of-order deliveries, and its own CPU seconds over the window.
+
+Clock: each record carries ``time.time()`` taken just before its request is written; the
+subscriber subtracts it from ``time.time()`` when the bytes arrive. Writer and subscriber run on
+the same machine, so both read the same wall clock (no skew); the figure includes the server and
+the generator's own scheduling delay, which is why the generator's CPU is reported.
+
+Writers and subscribers speak raw HTTP over asyncio protocols, not through an HTTP client
+library: at a few thousand requests per second a full client would cost the generator more CPU
+than the server spends, and the generator must not be what limits the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+REQUEST_TIMEOUT_S = 120.0  # an answer slower than this counts as a failed append
+GOLDEN = 0.6180339887  # spreads writers' phases evenly over one interval, whatever their number
+
+
+class HttpError(RuntimeError):
+    pass
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, one request at a time (a writer waits for its ack).
+
+    The response parser knows what these servers send: a status line, headers, then a body of
+    ``Content-Length`` bytes, chunked, or none (204)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.waiter is None or self.waiter.done():
+            return
+        response = self._parse()
+        if response is not None:
+            self.waiter.set_result(response)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(HttpError(f"connection lost: {exc}"))
+
+    def _parse(self) -> tuple[int, bytes] | None:
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        head = bytes(self.buffer[:end]).split(b"\r\n")
+        status = int(head[0].split(b" ", 2)[1])
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        start = end + 4
+        if b"content-length" in headers:
+            stop = start + int(headers[b"content-length"])
+            if len(self.buffer) < stop:
+                return None
+            body = bytes(self.buffer[start:stop])
+        elif headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            body_parts, position = [], start
+            while True:
+                line_end = self.buffer.find(b"\r\n", position)
+                if line_end < 0:
+                    return None
+                size = int(bytes(self.buffer[position:line_end]).split(b";")[0], 16)
+                if len(self.buffer) < line_end + 2 + size + 2:
+                    return None
+                body_parts.append(bytes(self.buffer[line_end + 2 : line_end + 2 + size]))
+                position = line_end + 2 + size + 2
+                if size == 0:
+                    break
+            stop, body = position, b"".join(body_parts)
+        else:
+            stop, body = start, b""
+        del self.buffer[:stop]
+        return status, body
+
+    async def request(self, data: bytes) -> tuple[int, bytes]:
+        if self.lost or self.transport is None:
+            raise HttpError("connection closed")
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+            return await self.waiter
+
+
+def _request(method: str, path: str, host: str, token: str, body: bytes = b"") -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+class _Subscriber(asyncio.Protocol):
+    """One SSE connection (HTTP/1.0: no chunked framing to undo). Both routes' events: a
+    realtime ``message`` event is one record, a Durable Streams ``data`` event a JSON array."""
+
+    def __init__(self, chat: _Chat) -> None:
+        self.chat = chat
+        self.buffer = b""
+        self.header_done = False
+        self.ready = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        self.buffer += data
+        if not self.header_done:
+            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            status = head.split(b"\r\n", 1)[0]
+            if b" 200" not in status:
+                if not self.ready.done():
+                    self.ready.set_exception(HttpError(f"SSE subscribe failed: {status!r}"))
+                return
+            self.header_done, self.buffer = True, rest
+            self.ready.set_result(None)
+        *events, self.buffer = self.buffer.split(b"\n\n")
+        for event in events:
+            kind = b"message"
+            lines: list[bytes] = []
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    lines.append(line[5:].lstrip(b" "))
+                elif line.startswith(b"event:"):
+                    kind = line[6:].strip()
+            if not lines:
+                continue
+            if kind == b"message":
+                self.chat.received(json.loads(b"\n".join(lines)), now)
+            elif kind == b"data":
+                for record in json.loads(b"\n".join(lines)):
+                    self.chat.received(record, now)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(HttpError(f"SSE connection lost: {exc}"))
+
+
+@dataclass
+class _Chat:
+    """One session: its writer's figures and what its subscriber received."""
+
+    index: int
+    path: str = ""  # the channel or stream the writer posts to and the subscriber reads
+    writes: int = 0
+    scheduled: int = 0
+    late: int = 0
+    errors: int = 0
+    reconnects: int = 0
+    next_expected: int = 0
+    disordered: int = 0  # a record delivered twice, out of order, or after a gap
+    deliveries: list[float] = field(default_factory=list)
+
+    def received(self, record: dict[str, Any], now: float) -> None:
+        self.deliveries.append(now - record["t"])
+        if record["i"] != self.next_expected:
+            self.disordered += 1
+        self.next_expected = record["i"] + 1
+
+
+@dataclass
+class Plan:
+    url: str
+    token: str
+    api: str
+    sessions: int
+    first: int
+    rate: float
+    seconds: float
+    settle: float
+    record_bytes: int
+    run: str
+
+
+class ChatLoad:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        url = urlsplit(plan.url)
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+        self.chats = [_Chat(plan.first + i) for i in range(plan.sessions)]
+        self.connections: list[_Connection] = []  # one writer connection per chat, same order
+        self.subscriptions: list[tuple[asyncio.BaseTransport, _Subscriber]] = []
+        self.acks: list[float] = []
+
+    async def _connect(self) -> _Connection:
+        _, protocol = await asyncio.get_running_loop().create_connection(_Connection, self.host, self.port)
+        return protocol
+
+    async def _call(self, conn: _Connection, method: str, path: str, body: bytes = b"") -> bytes:
+        status, answer = await conn.request(_request(method, path, self.host, self.plan.token, body))
+        if status not in (200, 201, 204):
+            raise HttpError(f"{method} {path}: {status} {answer[:300]!r}")
+        return answer
+
+    async def _create(self, chat: _Chat, conn: _Connection) -> None:
+        plan = self.plan
+        if plan.api == "stream":
+            chat.path = f"/v1/stream/bench-chat-{plan.run}-{chat.index}"
+            await self._call(conn, "PUT", chat.path)
+            return
+        body = json.dumps({"type": "bench-chat", "externalId": f"bench-chat-{plan.run}-{chat.index}"})
+        session = json.loads(await self._call(conn, "POST", "/api/v1/sessions", body.encode()))
+        if plan.api == "realtime":
+            chat.path = f"/realtime/v1/sessions/{session['id']}/out"
+        else:
+            chat.path = f"/v1/stream/sessions/{session['id']}/out"
+
+    async def _subscribe(self, chat: _Chat) -> None:
+        # From -1 on an empty channel: nothing written after the subscription can be missed,
+        # whenever the server starts following it.
+        if self.plan.api == "realtime":
+            target = f"{chat.path}?offset=-1&timeoutSeconds=600"
+        else:
+            target = f"{chat.path}?offset=-1&live=sse"
+        auth = f"Authorization: Bearer {self.plan.token}\r\n" if self.plan.token else ""
+        transport, protocol = await asyncio.get_running_loop().create_connection(
+            lambda: _Subscriber(chat), self.host, self.port
+        )
+        transport.write(f"GET {target} HTTP/1.0\r\nHost: {self.host}\r\n{auth}\r\n".encode())
+        self.subscriptions.append((transport, protocol))
+        await asyncio.wait_for(protocol.ready, 60)
+
+    async def setup(self) -> None:
+        limit = asyncio.Semaphore(16)
+
+        async def one(chat: _Chat) -> _Connection:
+            async with limit:
+                conn = await self._connect()
+                await self._create(chat, conn)
+                await self._subscribe(chat)
+                return conn
+
+        self.connections = list(await asyncio.gather(*(one(chat) for chat in self.chats)))
+
+    def _body(self, chat: _Chat, i: int) -> bytes:
+        record = {"t": time.time(), "s": chat.index, "i": i, "text": ""}
+        pad = self.plan.record_bytes - len(json.dumps(record, separators=(",", ":")))
+        record["text"] = "x" * max(0, pad)
+        return json.dumps(record, separators=(",", ":")).encode()
+
+    async def _write(self, chat: _Chat, conn: _Connection, start: float) -> None:
+        """Record i is due at start + phase + i / rate. A writer behind schedule sends at once
+        (it never skips a record) and stops at the end of the window: a server that holds its
+        writers back shows as sent / scheduled < 1. A connection the server closed (keep-alive
+        timeout) is reopened before the next request; a request that fails counts as an error
+        and the writer goes on with the next record on a new connection."""
+        interval = 1 / self.plan.rate
+        phase = ((chat.index * GOLDEN) % 1.0) * interval
+        stop = start + self.plan.seconds
+        chat.scheduled = sum(1 for _ in _due_times(start + phase, interval, stop))
+        path = chat.path + "/append" if self.plan.api == "realtime" else chat.path
+        for i, due in enumerate(_due_times(start + phase, interval, stop)):
+            delay = due - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                chat.late += 1
+            if time.time() >= stop:
+                break
+            if conn.lost:
+                conn = await self._connect()
+                chat.reconnects += 1
+            body = self._body(chat, i)
+            sent = time.time()
+            try:
+                status, _ = await conn.request(_request("POST", path, self.host, self.plan.token, body))
+            except (HttpError, TimeoutError):
+                chat.errors += 1
+                if conn.transport is not None:
+                    conn.transport.close()
+                conn.lost = True
+                continue
+            self.acks.append(time.time() - sent)
+            if status in (200, 204):
+                chat.writes += 1
+            else:
+                chat.errors += 1
+
+    async def run(self, start: float) -> dict[str, Any]:
+        # Fresh writer connections: those opened during setup may have sat idle for longer than
+        # the server's keep-alive timeout while the other generator processes set up.
+        for conn in self.connections:
+            if conn.transport is not None:
+                conn.transport.close()
+        self.connections = list(await asyncio.gather(*(self._connect() for _ in self.chats)))
+        delay = start - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        cpu0 = os.times()
+        await asyncio.gather(
+            *(self._write(chat, conn, start) for chat, conn in zip(self.chats, self.connections, strict=True))
+        )
+        cpu1 = os.times()
+        window = time.time() - start
+        expected = sum(chat.writes for chat in self.chats)
+        settle = time.time() + self.plan.settle
+        while sum(len(c.deliveries) for c in self.chats) < expected and time.time() < settle:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        for transport, _ in self.subscriptions:
+            transport.close()
+        for conn in self.connections:
+            if conn.transport is not None:
+                conn.transport.close()
+        delivered = sum(len(c.deliveries) for c in self.chats)
+        return {
+            "sessions": len(self.chats),
+            "window_s": window,
+            "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
+            "writes": expected,
+            "scheduled": sum(c.scheduled for c in self.chats),
+            "late": sum(c.late for c in self.chats),
+            "errors": sum(c.errors for c in self.chats),
+            "reconnects": sum(c.reconnects for c in self.chats),
+            "missing": max(0, expected - delivered),
+            "disordered": sum(c.disordered for c in self.chats),
+            "writer_ratios": [c.writes / c.scheduled if c.scheduled else 1.0 for c in self.chats],
+            "ack_ms": [round(a * 1000, 3) for a in self.acks],
+            "delivery_ms": [round(d * 1000, 3) for c in self.chats for d in c.deliveries],
+        }
+
+
+def _due_times(first: float, interval: float, stop: float) -> list[float]:
+    times, i = [], 0
+    while first + i * interval < stop:
+        times.append(first + i * interval)
+        i += 1
+    return times
+
+
+async def main(plan: Plan) -> None:
+    load = ChatLoad(plan)
+    started = time.perf_counter()
+    await load.setup()
+    print(json.dumps({"ready": True, "setup_s": time.perf_counter() - started}), flush=True)
+    line = await asyncio.to_thread(sys.stdin.readline)
+    result = await load.run(float(line))
+    print(json.dumps(result), flush=True)
+
+
+def parse(argv: list[str] | None = None) -> Plan:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--token", default="")
+    parser.add_argument("--api", choices=["realtime", "sessions-stream", "stream"], required=True)
+    parser.add_argument("--sessions", type=int, required=True)
+    parser.add_argument("--first", type=int, default=0, help="index of this process's first session")
+    parser.add_argument("--rate", type=float, default=20.0, help="records/s per writer")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--settle", type=float, default=10.0)
+    parser.add_argument("--record-bytes", type=int, default=100)
+    parser.add_argument("--run", default=os.urandom(4).hex(), help="names sessions/streams uniquely")
+    args = parser.parse_args(argv)
+    return Plan(
+        url=args.url,
+        token=args.token,
+        api=args.api,
+        sessions=args.sessions,
+        first=args.first,
+        rate=args.rate,
+        seconds=args.seconds,
+        settle=args.settle,
+        record_bytes=args.record_bytes,
+        run=args.run,
+    )
+
+
+if __name__ == "__main__":
+    _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(main(parse()))
