@@ -36,7 +36,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
+import re
 import resource
 import sys
 import time
@@ -44,7 +46,11 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-REQUEST_TIMEOUT_S = 120.0  # an answer slower than this counts as a failed append
+import orjson
+
+REQUEST_TIMEOUT_S = 120.0  # setup calls; writers still waiting this long after the window fail
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[ \t]*chunked", re.IGNORECASE)
 GOLDEN = 0.6180339887  # spreads writers' phases evenly over one interval, whatever their number
 
 
@@ -66,6 +72,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport
+        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -84,19 +91,15 @@ class _Connection(asyncio.Protocol):
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
             return None
-        head = bytes(self.buffer[:end]).split(b"\r\n")
-        status = int(head[0].split(b" ", 2)[1])
-        headers = {}
-        for line in head[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
+        head = bytes(self.buffer[: end + 2])
+        status = int(head[9:12])  # "HTTP/1.1 200 ..."
         start = end + 4
-        if b"content-length" in headers:
-            stop = start + int(headers[b"content-length"])
+        if length := _CONTENT_LENGTH.search(head):
+            stop = start + int(length[1])
             if len(self.buffer) < stop:
                 return None
             body = bytes(self.buffer[start:stop])
-        elif headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        elif _CHUNKED.search(head):
             body_parts, position = [], start
             while True:
                 line_end = self.buffer.find(b"\r\n", position)
@@ -115,13 +118,14 @@ class _Connection(asyncio.Protocol):
         del self.buffer[:stop]
         return status, body
 
-    async def request(self, data: bytes) -> tuple[int, bytes]:
+    def request(self, data: bytes) -> asyncio.Future[tuple[int, bytes]]:
+        """The response to ``data``. No timeout here (a timer per request costs the generator
+        CPU); the writers' window as a whole is bounded instead (ChatLoad.run)."""
         if self.lost or self.transport is None:
             raise HttpError("connection closed")
-        self.waiter = asyncio.get_running_loop().create_future()
+        self.waiter = self.loop.create_future()
         self.transport.write(data)
-        async with asyncio.timeout(REQUEST_TIMEOUT_S):
-            return await self.waiter
+        return self.waiter
 
 
 def _request(method: str, path: str, host: str, token: str, body: bytes = b"") -> bytes:
@@ -168,9 +172,9 @@ class _Subscriber(asyncio.Protocol):
             if not lines:
                 continue
             if kind == b"message":
-                self.chat.received(json.loads(b"\n".join(lines)), now)
+                self.chat.received(orjson.loads(b"\n".join(lines)), now)
             elif kind == b"data":
-                for record in json.loads(b"\n".join(lines)):
+                for record in orjson.loads(b"\n".join(lines)):
                     self.chat.received(record, now)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -229,7 +233,8 @@ class ChatLoad:
         return protocol
 
     async def _call(self, conn: _Connection, method: str, path: str, body: bytes = b"") -> bytes:
-        status, answer = await conn.request(_request(method, path, self.host, self.plan.token, body))
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+            status, answer = await conn.request(_request(method, path, self.host, self.plan.token, body))
         if status not in (200, 201, 204):
             raise HttpError(f"{method} {path}: {status} {answer[:300]!r}")
         return answer
@@ -274,11 +279,12 @@ class ChatLoad:
 
         self.connections = list(await asyncio.gather(*(one(chat) for chat in self.chats)))
 
-    def _body(self, chat: _Chat, i: int) -> bytes:
-        record = {"t": time.time(), "s": chat.index, "i": i, "text": ""}
-        pad = self.plan.record_bytes - len(json.dumps(record, separators=(",", ":")))
-        record["text"] = "x" * max(0, pad)
-        return json.dumps(record, separators=(",", ":")).encode()
+    def _request(self, chat: _Chat, path: str, i: int) -> bytes:
+        """``{"t":<time.time()>,"s":<session>,"i":<seq>,"text":"xx…"}``, padded to
+        ``--record-bytes`` (at least), in one POST."""
+        record = b'{"t":%.6f,"s":%d,"i":%d,"text":"' % (time.time(), chat.index, i)
+        record += b"x" * max(0, self.plan.record_bytes - len(record) - 2) + b'"}'
+        return _request("POST", path, self.host, self.plan.token, record)
 
     async def _write(self, chat: _Chat, conn: _Connection, start: float) -> None:
         """Record i is due at start + phase + i / rate. A writer behind schedule sends at once
@@ -287,12 +293,12 @@ class ChatLoad:
         timeout) is reopened before the next request; a request that fails counts as an error
         and the writer goes on with the next record on a new connection."""
         interval = 1 / self.plan.rate
-        phase = ((chat.index * GOLDEN) % 1.0) * interval
+        first = start + ((chat.index * GOLDEN) % 1.0) * interval
         stop = start + self.plan.seconds
-        chat.scheduled = sum(1 for _ in _due_times(start + phase, interval, stop))
+        chat.scheduled = math.ceil((stop - first) / interval)
         path = chat.path + "/append" if self.plan.api == "realtime" else chat.path
-        for i, due in enumerate(_due_times(start + phase, interval, stop)):
-            delay = due - time.time()
+        for i in range(chat.scheduled):
+            delay = first + i * interval - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             else:
@@ -302,11 +308,11 @@ class ChatLoad:
             if conn.lost:
                 conn = await self._connect()
                 chat.reconnects += 1
-            body = self._body(chat, i)
+            request = self._request(chat, path, i)
             sent = time.time()
             try:
-                status, _ = await conn.request(_request("POST", path, self.host, self.plan.token, body))
-            except (HttpError, TimeoutError):
+                status, _ = await conn.request(request)
+            except HttpError:
                 chat.errors += 1
                 if conn.transport is not None:
                     conn.transport.close()
@@ -329,9 +335,14 @@ class ChatLoad:
         if delay > 0:
             await asyncio.sleep(delay)
         cpu0 = os.times()
-        await asyncio.gather(
-            *(self._write(chat, conn, start) for chat, conn in zip(self.chats, self.connections, strict=True))
-        )
+        writers = [
+            asyncio.ensure_future(self._write(chat, conn, start))
+            for chat, conn in zip(self.chats, self.connections, strict=True)
+        ]
+        _, stuck = await asyncio.wait(writers, timeout=self.plan.seconds + REQUEST_TIMEOUT_S)
+        for writer in stuck:  # a request unanswered long after the window: a failed append
+            writer.cancel()
+        stuck_errors = len(stuck)
         cpu1 = os.times()
         window = time.time() - start
         expected = sum(chat.writes for chat in self.chats)
@@ -351,7 +362,7 @@ class ChatLoad:
             "writes": expected,
             "scheduled": sum(c.scheduled for c in self.chats),
             "late": sum(c.late for c in self.chats),
-            "errors": sum(c.errors for c in self.chats),
+            "errors": sum(c.errors for c in self.chats) + stuck_errors,
             "reconnects": sum(c.reconnects for c in self.chats),
             "missing": max(0, expected - delivered),
             "disordered": sum(c.disordered for c in self.chats),
@@ -359,14 +370,6 @@ class ChatLoad:
             "ack_ms": [round(a * 1000, 3) for a in self.acks],
             "delivery_ms": [round(d * 1000, 3) for c in self.chats for d in c.deliveries],
         }
-
-
-def _due_times(first: float, interval: float, stop: float) -> list[float]:
-    times, i = [], 0
-    while first + i * interval < stop:
-        times.append(first + i * interval)
-        i += 1
-    return times
 
 
 async def main(plan: Plan) -> None:
