@@ -1,6 +1,7 @@
 """The chat-shaped workload: N live chats at once, ramped, on Threadline and both reference peers.
 
-    .venv/bin/python bench/chat.py [--quick] [--workers N] [--procs P] [--sessions 50,100]
+    .venv/bin/python bench/chat.py [--quick] [--workers N] [--procs P] [--sessions 50,100] [--seconds S]
+    .venv/bin/python bench/chat.py --url URL --token KEY [--pid PID] [--api realtime|stream] ...
     (or: make bench-chat; `make bench` / `make bench-quick` run it inside bench/compare.py)
 
 A chat is a session with one writer appending one ~100 B JSON record per request at 20 records/s
@@ -32,8 +33,6 @@ import json
 import math
 import os
 import resource
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,15 +43,25 @@ from typing import Any
 
 import psutil
 
-from harness import REPO, pct, start_server, stop_server, tenant, write_results
+from harness import (
+    REPO,
+    Target,
+    ensure_peer_installed,
+    pct,
+    start_peer,
+    start_server,
+    stop_server,
+    tenant,
+    write_results,
+)
 from threadline.embedded.stack import EmbeddedStack
 
-PEER_DIR = REPO / "bench" / "peer"
 CHAT_LOAD = REPO / "bench" / "chat_load.py"
 FULL_STEPS = (50, 100, 200, 500, 1000)
 QUICK_STEPS = (50, 100, 200)
 DELIVERY_P99_MS = 100.0
 WRITER_SHARE = 0.95
+FILE_HANDLES = 4096  # the file-store peer keeps a stream file open per chat (bench/peer/server.mjs)
 RESULT_LINE_LIMIT = 1 << 28  # a generator's result line carries every latency it measured
 
 
@@ -74,50 +83,12 @@ class Settings:
         return min(sessions, self.procs or math.ceil(sessions / self.per_proc))
 
 
-@dataclass
-class ChatTarget:
-    name: str
-    url: str
-    pid: int
-    api: str  # chat_load.py --api
-    token: str = ""
-    process: subprocess.Popen[str] | None = None
-    data_dir: Path | None = None  # a file-store peer: restarted empty before every step
-
-    def restart(self) -> None:
-        """A fresh, empty file store per step, as compare.py does for its rows."""
-        assert self.process is not None
-        assert self.data_dir is not None
-        self.process.terminate()
-        self.process.wait(15)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-        self.process, self.url = start_peer(self.data_dir)
-        self.pid = self.process.pid
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(15)
-
-
-def start_peer(data_dir: Path | None) -> tuple[subprocess.Popen[str], str]:
-    """The reference server; its file store may keep a stream file open per chat (server.mjs)."""
-    command = ["node", str(PEER_DIR / "server.mjs"), "--port", "0", "--long-poll-timeout-ms", "30000"]
-    if data_dir is not None:
-        command += ["--data-dir", str(data_dir), "--max-file-handles", "4096"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline().strip()
-    if not line.startswith("listening "):
-        process.kill()
-        raise RuntimeError(f"peer did not start: {line!r}")
-    return process, line.removeprefix("listening ").rstrip("/")
-
-
 # --- resources ----------------------------------------------------------------------------------
 
 
 def _tree(pid: int) -> list[psutil.Process]:
+    if pid <= 0:  # a server given by --url without --pid: not sampled
+        return []
     try:
         root = psutil.Process(pid)
         return [root, *root.children(recursive=True)]
@@ -190,7 +161,7 @@ async def _line(stream: asyncio.StreamReader, limit_s: float) -> dict[str, Any]:
 
 
 async def run_step(
-    target: ChatTarget, sessions: int, settings: Settings, run: str, exclude: set[int]
+    target: Target, sessions: int, settings: Settings, run: str, exclude: set[int]
 ) -> dict[str, Any]:
     """N chats on one server: P generator processes set up their share, then all write during
     the same window; server, stack and generator CPU are taken over that window."""
@@ -311,7 +282,7 @@ def largest_holding(steps: list[dict[str, Any]]) -> int:
 # --- the whole ramp -------------------------------------------------------------------------------
 
 
-async def ramp(targets: list[ChatTarget], settings: Settings, exclude: set[int]) -> dict[str, Any]:
+async def ramp(targets: list[Target], settings: Settings, exclude: set[int]) -> dict[str, Any]:
     """Every N on every server, N by N (so the servers at one N see the machine in the same
     state); the file-store peer restarts empty before each step. ``exclude``: processes that are
     neither the stack nor a target (compare.py's own peers), left out of the stack's CPU."""
@@ -338,16 +309,23 @@ async def ramp(targets: list[ChatTarget], settings: Settings, exclude: set[int])
 
 
 async def with_peers(
-    threadline: ChatTarget, settings: Settings, tmp: Path, exclude: frozenset[int] = frozenset()
+    threadline: Target, settings: Settings, tmp: Path, exclude: frozenset[int] = frozenset()
 ) -> dict[str, Any]:
     """The ramp on Threadline (already running) and both peers, which it starts and stops."""
     file_dir = tmp / "chat-peer-data"
-    file_peer, file_url = start_peer(file_dir)
+    file_peer, file_url = start_peer(file_dir, FILE_HANDLES)
     memory_peer, memory_url = start_peer(None)
     targets = [
         threadline,
-        ChatTarget("peer-file", file_url, file_peer.pid, "stream", process=file_peer, data_dir=file_dir),
-        ChatTarget("peer-memory", memory_url, memory_peer.pid, "stream", process=memory_peer),
+        Target(
+            "peer-file",
+            file_url,
+            file_peer.pid,
+            process=file_peer,
+            data_dir=file_dir,
+            max_file_handles=FILE_HANDLES,
+        ),
+        Target("peer-memory", memory_url, memory_peer.pid, process=memory_peer),
     ]
     try:
         return await ramp(targets, settings, set(exclude))
@@ -414,6 +392,7 @@ def render(chat: dict[str, Any]) -> str:
 
 
 async def standalone(settings: Settings, workers: int | None) -> dict[str, Any]:
+    ensure_peer_installed()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2 sockets per chat on each side
     with tempfile.TemporaryDirectory() as tmp, EmbeddedStack(Path(tmp) / "stack") as stack:
@@ -422,7 +401,7 @@ async def standalone(settings: Settings, workers: int | None) -> dict[str, Any]:
         env = {"THREADLINE_WORKERS": str(workers)} if workers else {}
         process, url = await start_server(endpoints, **env)
         try:
-            threadline = ChatTarget("threadline", url, process.pid, "realtime", token=key)
+            threadline = Target("threadline", url, process.pid, key, api="realtime")
             chat = await with_peers(threadline, settings, Path(tmp))
         finally:
             await stop_server(process)
@@ -439,6 +418,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--procs", type=int, default=0, help="chat: generator processes (default: 1 per 200)")
 
 
+async def external(settings: Settings, url: str, token: str, pid: int, api: str) -> dict[str, Any]:
+    """The ramp on a server someone else started (for profiling it): no stack, no peers."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    chat = await ramp([Target("server", url, pid, token, api=api)], settings, set())
+    chat["cpus"] = os.cpu_count()
+    return chat
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -447,6 +435,10 @@ def main() -> None:
     add_arguments(parser)
     parser.add_argument("--sessions", default="", help="comma-separated N to run instead of the ramp")
     parser.add_argument("--seconds", type=float, default=0, help="writing window per step")
+    parser.add_argument("--url", help="drive this running server instead (no stack, no peers, no files)")
+    parser.add_argument("--token", default="", help="with --url: its API key")
+    parser.add_argument("--pid", type=int, default=0, help="with --url: its pid, for CPU and RSS")
+    parser.add_argument("--api", default="realtime", choices=["realtime", "sessions-stream", "stream"])
     args = parser.parse_args()
     settings = Settings.of(args.quick)
     settings.procs = args.procs
@@ -455,6 +447,9 @@ def main() -> None:
     if args.seconds:
         settings.seconds = args.seconds
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if args.url:
+        print(render(asyncio.run(external(settings, args.url, args.token, args.pid, args.api))))
+        return
     chat = asyncio.run(standalone(settings, args.workers))
     chat["started"], chat["quick"] = started, args.quick
     header = f"({'quick' if args.quick else 'full'} run, {chat['cpus']} CPUs, {started})\n\n"

@@ -24,7 +24,6 @@ import json
 import os
 import resource
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,33 +38,20 @@ import psutil
 from obstore.store import S3Store
 
 import chat
-from harness import REPO, pct, start_server, stop_server, tenant, write_results
+from harness import (
+    REPO,
+    Target,
+    ensure_peer_installed,
+    pct,
+    start_peer,
+    start_server,
+    stop_server,
+    tenant,
+    write_results,
+)
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
 
-PEER_DIR = REPO / "bench" / "peer"
 LOADGEN = REPO / "bench" / "loadgen.py"
-
-
-@dataclass
-class Target:
-    name: str
-    url: str
-    pid: int
-    token: str = ""
-    process: subprocess.Popen[str] | None = None
-    data_dir: Path | None = None  # a file-store peer: restarted empty before every workload
-
-    def restart(self) -> None:
-        """The reference file store keeps at most 100 open stream files (``maxFileHandles``,
-        not settable through DurableStreamTestServer); past that its appends answer 404. Each
-        workload therefore gets a fresh, empty peer, so none sees more streams than it creates."""
-        assert self.process is not None
-        assert self.data_dir is not None
-        self.process.terminate()
-        self.process.wait(15)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-        self.process, self.url = start_peer(self.data_dir)
-        self.pid = self.process.pid
 
 
 @dataclass
@@ -189,29 +175,6 @@ async def floor(
 
 
 # --- servers ----------------------------------------------------------------------------------
-
-
-def ensure_peer_installed() -> None:
-    if (PEER_DIR / "node_modules" / "@durable-streams" / "server").exists():
-        return
-    if shutil.which("npm") is None:
-        raise SystemExit("the peer needs node and npm on PATH (see README)")
-    subprocess.run(
-        ["npm", "ci", "--prefix", str(PEER_DIR), "--no-audit", "--no-fund", "--loglevel=error"], check=True
-    )
-
-
-def start_peer(data_dir: Path | None) -> tuple[subprocess.Popen[str], str]:
-    command = ["node", str(PEER_DIR / "server.mjs"), "--port", "0", "--long-poll-timeout-ms", "30000"]
-    if data_dir is not None:
-        command += ["--data-dir", str(data_dir)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline().strip()
-    if not line.startswith("listening "):
-        process.kill()
-        raise RuntimeError(f"peer did not start: {line!r}")
-    return process, line.removeprefix("listening ").rstrip("/")
 
 
 # --- running one workload -------------------------------------------------------------------
@@ -386,10 +349,7 @@ def render(result: dict[str, Any]) -> str:
 async def compare(quick: bool, workers: int | None, procs: int) -> dict[str, Any]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000 SSE sockets on each side
-    ensure_peer_installed()
-    peer_version = json.loads((PEER_DIR / "node_modules/@durable-streams/server/package.json").read_text())[
-        "version"
-    ]
+    peer_version = ensure_peer_installed()
     plan = workloads(quick)
     result: dict[str, Any] = {
         "quick": quick,
@@ -429,7 +389,7 @@ async def compare(quick: bool, workers: int | None, procs: int) -> dict[str, Any
             settings.procs = procs
             ours = frozenset(t.pid for t in targets[1:])  # this run's idle peers: not the stack
             result["chat"] = await chat.with_peers(
-                chat.ChatTarget("threadline", url, process.pid, "realtime", token=key),
+                Target("threadline", url, process.pid, key, api="realtime"),
                 settings,
                 Path(tmp),
                 exclude=ours,
