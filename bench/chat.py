@@ -32,10 +32,13 @@ import asyncio
 import json
 import math
 import os
+import re
 import resource
+import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +77,7 @@ class Settings:
     record_bytes: int = 100
     per_proc: int = 200
     procs: int = 0  # fixed number of generator processes; 0: one per `per_proc` sessions
+    py_spy: Path | None = None  # sample Threadline's process tree over each window into this folder
 
     @classmethod
     def of(cls, quick: bool) -> Settings:
@@ -200,6 +204,7 @@ async def run_step(
         await asyncio.sleep(max(0.0, start - time.time()))
         server.reset()  # CPU over the writing window only; peak RSS over the whole step
         stack.reset()
+        spy = await _start_py_spy(target, sessions, settings)
         end = start + settings.seconds
         while time.time() < end:
             server.sample()
@@ -222,7 +227,50 @@ async def run_step(
         return {"sessions": sessions, "error": f"{exc!r}: {last[0][:300]}"}
     for g in generators:
         await g.wait()
-    return summarize(sessions, settings, ready, outputs, window_server_cpu, window_stack_cpu, server.peak_rss)
+    summary = summarize(
+        sessions, settings, ready, outputs, window_server_cpu, window_stack_cpu, server.peak_rss
+    )
+    if spy is not None:
+        process, raw = spy
+        await process.wait()
+        summary["profile"] = str(raw)
+        summary["profile_self"] = profile_self(raw)
+    return summary
+
+
+async def _start_py_spy(
+    target: Target, sessions: int, settings: Settings
+) -> tuple[asyncio.subprocess.Process, Path] | None:
+    """py-spy on a Python server's whole process tree for the writing window (collapsed stacks,
+    one line per stack with its sample count); not for the Node peers."""
+    if settings.py_spy is None or target.api == "stream":
+        return None
+    settings.py_spy.mkdir(parents=True, exist_ok=True)
+    raw = settings.py_spy / f"chat-{sessions}-{target.name}.raw"
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--py-spy needs py-spy (.venv/bin/pip install py-spy)")
+    process = await asyncio.create_subprocess_exec(
+        *(spy, "record", "--pid", str(target.pid), "--subprocesses", "--nonblocking", "--rate", "100"),
+        *("--duration", str(math.ceil(settings.seconds)), "--format", "raw", "--output", str(raw)),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return process, raw
+
+
+def profile_self(raw: Path, top: int = 12) -> list[tuple[str, float]]:
+    """Self time by function (a stack's last frame without its line number), as shares of all
+    samples: where the server's CPU went."""
+    counts: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        counts[re.sub(r":\d+\)$", ")", leaf)] += int(count)
+    total = sum(counts.values()) or 1
+    return [(frame, n / total) for frame, n in counts.most_common(top)]
 
 
 def summarize(
@@ -252,6 +300,7 @@ def summarize(
         "reconnects": sum(out["reconnects"] for out in outputs),
         "missing": sum(out["missing"] for out in outputs),
         "disordered": sum(out["disordered"] for out in outputs),
+        "refused_delivered": sum(out["refused_delivered"] for out in outputs),
         "delivery_p50_ms": pct(deliveries, 0.5) if deliveries else None,
         "delivery_p99_ms": pct(deliveries, 0.99) if deliveries else None,
         "delivery_max_ms": max(deliveries) * 1000 if deliveries else None,
@@ -269,6 +318,7 @@ def summarize(
         and summary["writers_at_rate"] == sessions
         and summary["missing"] == 0
         and summary["disordered"] == 0
+        and summary["refused_delivered"] == 0
         and summary["errors"] == 0
     )
     return summary
@@ -359,7 +409,7 @@ def render(chat: dict[str, Any]) -> str:
         + ".",
         "",
         "| sessions | server | delivery p50 / p99 ms | ack p50 / p99 ms | writes/s achieved of offered "
-        "(writers ≥ 95 %) | missing / failed / disordered | server CPU cores / RSS MiB | stack CPU cores "
+        "(writers ≥ 95 %) | missing / failed / disordered / failed yet delivered | server CPU cores / RSS MiB | stack CPU cores "
         "| generator CPU cores (procs) | holds | load avg |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -381,10 +431,16 @@ def render(chat: dict[str, Any]) -> str:
                 f"| {sessions:,} | {label} | {_ms(s['delivery_p50_ms'])} / {_ms(s['delivery_p99_ms'])} "
                 f"| {_ms(s['ack_p50_ms'])} / {_ms(s['ack_p99_ms'])} "
                 f"| {s['achieved_per_s']:,.0f} of {s['offered_per_s']:,.0f} ({s['writers_at_rate']:,} of {sessions:,}) "
-                f"| {s['missing']} / {s['errors']} / {s['disordered']} "
+                f"| {s['missing']} / {s['errors']} / {s['disordered']} / {s['refused_delivered']} "
                 f"| {s['server_cpu_cores']:.2f} / {s['server_rss_mib']:.0f} | {s['stack_cpu_cores']:.2f} "
                 f"| {sum(gens):.2f} ({len(gens)}) | {'yes' if s['holds'] else 'no'} | {load} |"
             )
+    profiled = [(n, name, s) for n, rows in sorted(by_n.items()) for name, s in rows if s.get("profile_self")]
+    if profiled:
+        lines += ["", "Server self time by function over the window (py-spy, all processes, top 6):", ""]
+        for sessions, name, s in profiled:
+            top = "; ".join(f"{frame} {share:.0%}" for frame, share in s["profile_self"][:6])
+            lines.append(f"- {sessions:,} {NAMES.get(name, name)}: {top}")
     return "\n".join(lines)
 
 
@@ -416,6 +472,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=None, help="sets THREADLINE_WORKERS for the server it starts"
     )
     parser.add_argument("--procs", type=int, default=0, help="chat: generator processes (default: 1 per 200)")
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="chat: sample Threadline with py-spy over each window (DIR/chat-N-threadline.raw)",
+    )
 
 
 async def external(settings: Settings, url: str, token: str, pid: int, api: str) -> dict[str, Any]:
@@ -441,7 +504,7 @@ def main() -> None:
     parser.add_argument("--api", default="realtime", choices=["realtime", "sessions-stream", "stream"])
     args = parser.parse_args()
     settings = Settings.of(args.quick)
-    settings.procs = args.procs
+    settings.procs, settings.py_spy = args.procs, args.py_spy
     if args.sessions:
         settings.steps = tuple(int(n) for n in args.sessions.split(","))
     if args.seconds:

@@ -19,7 +19,9 @@ per chat), prints ``{"ready": ...}`` and waits for a start time (epoch seconds) 
 several generator processes write during the same window. It then writes for ``--seconds``, waits
 up to ``--settle`` seconds for every acknowledged record to reach its subscriber, and prints one
 JSON object: every delivery and ack latency in ms, each writer's records sent over its scheduled
-count, errors, missing and out-of-order deliveries, and its own CPU seconds over the window.
+count, errors, acknowledged records never delivered (missing), records delivered twice or out of
+order (disordered), records answered with an error yet delivered (refused_delivered: a broken
+"failed means nothing stored"), and its own CPU seconds over the window.
 
 Clock: each record carries ``time.time()`` taken just before its request is written; the
 subscriber subtracts it from ``time.time()`` when the bytes arrive. Writer and subscriber run on
@@ -193,15 +195,20 @@ class _Chat:
     late: int = 0
     errors: int = 0
     reconnects: int = 0
-    next_expected: int = 0
-    disordered: int = 0  # a record delivered twice, out of order, or after a gap
+    acked: set[int] = field(default_factory=set)  # records whose append was acknowledged
+    refused: set[int] = field(default_factory=set)  # answered with an error: must never show up
+    seen: set[int] = field(default_factory=set)
+    last_seen: int = -1
+    disordered: int = 0  # a record delivered twice or before one written ahead of it
     deliveries: list[float] = field(default_factory=list)
 
     def received(self, record: dict[str, Any], now: float) -> None:
         self.deliveries.append(now - record["t"])
-        if record["i"] != self.next_expected:
+        i = record["i"]
+        if i <= self.last_seen or i in self.seen:
             self.disordered += 1
-        self.next_expected = record["i"] + 1
+        self.last_seen = max(self.last_seen, i)
+        self.seen.add(i)
 
 
 @dataclass
@@ -321,8 +328,10 @@ class ChatLoad:
             self.acks.append(time.time() - sent)
             if status in (200, 204):
                 chat.writes += 1
-            else:
+                chat.acked.add(i)
+            else:  # an unanswered request (above) may have been stored; a refused one must not
                 chat.errors += 1
+                chat.refused.add(i)
 
     async def run(self, start: float) -> dict[str, Any]:
         # Fresh writer connections: those opened during setup may have sat idle for longer than
@@ -347,14 +356,13 @@ class ChatLoad:
         window = time.time() - start
         expected = sum(chat.writes for chat in self.chats)
         settle = time.time() + self.plan.settle
-        while sum(len(c.deliveries) for c in self.chats) < expected and time.time() < settle:  # noqa: ASYNC110
+        while sum(len(c.acked & c.seen) for c in self.chats) < expected and time.time() < settle:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         for transport, _ in self.subscriptions:
             transport.close()
         for conn in self.connections:
             if conn.transport is not None:
                 conn.transport.close()
-        delivered = sum(len(c.deliveries) for c in self.chats)
         return {
             "sessions": len(self.chats),
             "window_s": window,
@@ -364,7 +372,8 @@ class ChatLoad:
             "late": sum(c.late for c in self.chats),
             "errors": sum(c.errors for c in self.chats) + stuck_errors,
             "reconnects": sum(c.reconnects for c in self.chats),
-            "missing": max(0, expected - delivered),
+            "missing": sum(len(c.acked - c.seen) for c in self.chats),
+            "refused_delivered": sum(len(c.refused & c.seen) for c in self.chats),
             "disordered": sum(c.disordered for c in self.chats),
             "writer_ratios": [c.writes / c.scheduled if c.scheduled else 1.0 for c in self.chats],
             "ack_ms": [round(a * 1000, 3) for a in self.acks],

@@ -346,7 +346,7 @@ def render(result: dict[str, Any]) -> str:
 # --- main -------------------------------------------------------------------------------------
 
 
-async def compare(quick: bool, workers: int | None, procs: int) -> dict[str, Any]:
+async def compare(quick: bool, workers: int | None, procs: int, py_spy: Path | None) -> dict[str, Any]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000 SSE sockets on each side
     peer_version = ensure_peer_installed()
@@ -386,7 +386,7 @@ async def compare(quick: bool, workers: int | None, procs: int) -> dict[str, Any
                         file=sys.stderr,
                     )
             settings = chat.Settings.of(quick)
-            settings.procs = procs
+            settings.procs, settings.py_spy = procs, py_spy
             ours = frozenset(t.pid for t in targets[1:])  # this run's idle peers: not the stack
             result["chat"] = await chat.with_peers(
                 Target("threadline", url, process.pid, key, api="realtime"),
@@ -406,8 +406,8 @@ async def compare(quick: bool, workers: int | None, procs: int) -> dict[str, Any
     return result
 
 
-def main(quick: bool, workers: int | None, procs: int) -> None:
-    result = asyncio.run(compare(quick, workers, procs))
+def main(quick: bool, workers: int | None, procs: int, py_spy: Path | None) -> None:
+    result = asyncio.run(compare(quick, workers, procs, py_spy))
     if not quick:
         subprocess.run([sys.executable, str(REPO / "bench" / "list_replication.py")], check=True)
         result["lists"] = json.loads((REPO / "bench" / "results" / "list_replication.json").read_text())
@@ -421,4 +421,4 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="small sizes; about two minutes")
     chat.add_arguments(parser)
     args = parser.parse_args()
-    main(args.quick, args.workers, args.procs)
+    main(args.quick, args.workers, args.procs, args.py_spy)
