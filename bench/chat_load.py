@@ -318,7 +318,7 @@ class ChatLoad:
             request = self._request(chat, path, i)
             sent = time.time()
             try:
-                status, _ = await conn.request(request)
+                status, answer = await conn.request(request)
             except HttpError:
                 chat.errors += 1
                 if conn.transport is not None:
@@ -329,9 +329,12 @@ class ChatLoad:
             if status in (200, 204):
                 chat.writes += 1
                 chat.acked.add(i)
-            else:  # an unanswered request (above) may have been stored; a refused one must not
+            else:
                 chat.errors += 1
-                chat.refused.add(i)
+                # Unanswered (above) or `outcome_unknown`: it may be stored. Any other refusal
+                # promises that nothing of it is visible.
+                if b"outcome_unknown" not in answer:
+                    chat.refused.add(i)
 
     async def run(self, start: float) -> dict[str, Any]:
         # Fresh writer connections: those opened during setup may have sat idle for longer than
