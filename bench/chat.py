@@ -261,7 +261,8 @@ async def _start_py_spy(
 
 def profile_self(raw: Path, top: int = 12) -> list[tuple[str, float]]:
     """Self time by function (a stack's last frame without its line number), as shares of all
-    samples: where the server's CPU went."""
+    samples: where the server's CPU went. The first entry is ("samples", count): a server that
+    got little CPU yields few samples, and then the shares say little."""
     counts: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -269,8 +270,8 @@ def profile_self(raw: Path, top: int = 12) -> list[tuple[str, float]]:
             continue
         leaf = stack.rsplit(";", 1)[-1]
         counts[re.sub(r":\d+\)$", ")", leaf)] += int(count)
-    total = sum(counts.values()) or 1
-    return [(frame, n / total) for frame, n in counts.most_common(top)]
+    total = sum(counts.values())
+    return [("samples", float(total))] + [(frame, n / max(total, 1)) for frame, n in counts.most_common(top)]
 
 
 def summarize(
@@ -393,6 +394,14 @@ def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:,.1f}" if value < 1000 else f"{value:,.0f}"
 
 
+def _per_record(step: dict[str, Any], cores: str) -> str:
+    """CPU per record written and delivered: unlike latency, it hardly moves when other work
+    shares the machine, so it says what N the cores could carry."""
+    if not step["achieved_per_s"]:
+        return "—"
+    return f"{step[cores] * 1000 / step['achieved_per_s']:.2f}"
+
+
 def render(chat: dict[str, Any]) -> str:
     largest = chat["largest_holding"]
     lines = [
@@ -409,9 +418,10 @@ def render(chat: dict[str, Any]) -> str:
         + ".",
         "",
         "| sessions | server | delivery p50 / p99 ms | ack p50 / p99 ms | writes/s achieved of offered "
-        "(writers ≥ 95 %) | missing / failed / disordered / failed yet delivered | server CPU cores / RSS MiB | stack CPU cores "
+        "(writers ≥ 95 %) | missing / failed / disordered / failed yet delivered | server CPU cores / RSS MiB "
+        "| stack CPU cores | server / stack CPU ms per record "
         "| generator CPU cores (procs) | holds | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_n: dict[int, list[tuple[str, dict[str, Any]]]] = {}
     for name, steps in chat["steps"].items():
@@ -423,7 +433,7 @@ def render(chat: dict[str, Any]) -> str:
             load = " / ".join(f"{x:.1f}" for x in s.get("load_avg", ()))
             if "error" in s:
                 lines.append(
-                    f"| {sessions:,} | {label} | failed: {s['error'][:120]} | | | | | | | no | {load} |"
+                    f"| {sessions:,} | {label} | failed: {s['error'][:120]} | | | | | | | | no | {load} |"
                 )
                 continue
             gens = s["generator_cpu_cores"]
@@ -433,14 +443,16 @@ def render(chat: dict[str, Any]) -> str:
                 f"| {s['achieved_per_s']:,.0f} of {s['offered_per_s']:,.0f} ({s['writers_at_rate']:,} of {sessions:,}) "
                 f"| {s['missing']} / {s['errors']} / {s['disordered']} / {s['refused_delivered']} "
                 f"| {s['server_cpu_cores']:.2f} / {s['server_rss_mib']:.0f} | {s['stack_cpu_cores']:.2f} "
+                f"| {_per_record(s, 'server_cpu_cores')} / {_per_record(s, 'stack_cpu_cores')} "
                 f"| {sum(gens):.2f} ({len(gens)}) | {'yes' if s['holds'] else 'no'} | {load} |"
             )
     profiled = [(n, name, s) for n, rows in sorted(by_n.items()) for name, s in rows if s.get("profile_self")]
     if profiled:
         lines += ["", "Server self time by function over the window (py-spy, all processes, top 6):", ""]
         for sessions, name, s in profiled:
-            top = "; ".join(f"{frame} {share:.0%}" for frame, share in s["profile_self"][:6])
-            lines.append(f"- {sessions:,} {NAMES.get(name, name)}: {top}")
+            (_, samples), *frames = s["profile_self"]
+            top = "; ".join(f"{frame} {share:.0%}" for frame, share in frames[:6])
+            lines.append(f"- {sessions:,} {NAMES.get(name, name)} ({samples:,.0f} samples): {top}")
     return "\n".join(lines)
 
 
