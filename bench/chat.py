@@ -508,8 +508,10 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="N = 50, 100, 200 for 5 s each")
     add_arguments(parser)
-    parser.add_argument("--sessions", default="", help="comma-separated N to run instead of the ramp")
-    parser.add_argument("--seconds", type=float, default=0, help="writing window per step")
+    parser.add_argument(
+        "--sessions", default="", help="comma-separated N instead of the ramp (prints, writes no results)"
+    )
+    parser.add_argument("--seconds", type=float, default=0, help="writing window per step (same)")
     parser.add_argument("--url", help="drive this running server instead (no stack, no peers, no files)")
     parser.add_argument("--token", default="", help="with --url: its API key")
     parser.add_argument("--pid", type=int, default=0, help="with --url: its pid, for CPU and RSS")
@@ -528,6 +530,9 @@ def main() -> None:
     chat = asyncio.run(standalone(settings, args.workers))
     chat["started"], chat["quick"] = started, args.quick
     header = f"({'quick' if args.quick else 'full'} run, {chat['cpus']} CPUs, {started})\n\n"
+    if args.sessions or args.seconds:  # not the standard ramp: print only, keep the results
+        print(header + render(chat))
+        return
     write_results("chat" + ("_quick" if args.quick else ""), chat, header + render(chat))
 
 

@@ -50,6 +50,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from sse_wire import SseParser, SseRefused
+
 REQUEST_TIMEOUT_S = 120.0  # setup calls; writers still waiting this long after the window fail
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding:[ \t]*chunked", re.IGNORECASE)
@@ -139,44 +141,29 @@ def _request(method: str, path: str, host: str, token: str, body: bytes = b"") -
 
 
 class _Subscriber(asyncio.Protocol):
-    """One SSE connection (HTTP/1.0: no chunked framing to undo). Both routes' events: a
-    realtime ``message`` event is one record, a Durable Streams ``data`` event a JSON array."""
+    """One SSE connection. Both routes' events: a realtime ``message`` event is one record, a
+    Durable Streams ``data`` event a JSON array."""
 
     def __init__(self, chat: _Chat) -> None:
         self.chat = chat
-        self.buffer = b""
-        self.header_done = False
+        self.parser = SseParser()
         self.ready = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
         now = time.time()
-        self.buffer += data
-        if not self.header_done:
-            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
-            if not sep:
-                return
-            status = head.split(b"\r\n", 1)[0]
-            if b" 200" not in status:
-                if not self.ready.done():
-                    self.ready.set_exception(HttpError(f"SSE subscribe failed: {status!r}"))
-                return
-            self.header_done, self.buffer = True, rest
+        try:
+            events = self.parser.feed(data)
+        except SseRefused as exc:
+            if not self.ready.done():
+                self.ready.set_exception(exc)
+            return
+        if self.parser.status is not None and not self.ready.done():
             self.ready.set_result(None)
-        *events, self.buffer = self.buffer.split(b"\n\n")
-        for event in events:
-            kind = b"message"
-            lines: list[bytes] = []
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    lines.append(line[5:].lstrip(b" "))
-                elif line.startswith(b"event:"):
-                    kind = line[6:].strip()
-            if not lines:
-                continue
-            if kind == b"message":
-                self.chat.received(orjson.loads(b"\n".join(lines)), now)
-            elif kind == b"data":
-                for record in orjson.loads(b"\n".join(lines)):
+        for name, payload in events:
+            if name == b"message":
+                self.chat.received(orjson.loads(payload), now)
+            elif name == b"data":
+                for record in orjson.loads(payload):
                     self.chat.received(record, now)
 
     def connection_lost(self, exc: Exception | None) -> None:
