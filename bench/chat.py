@@ -459,7 +459,7 @@ def render(chat: dict[str, Any]) -> str:
 # --- standalone -----------------------------------------------------------------------------------
 
 
-async def standalone(settings: Settings, workers: int | None) -> dict[str, Any]:
+async def standalone(settings: Settings, workers: int | None, api: str = "realtime") -> dict[str, Any]:
     ensure_peer_installed()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2 sockets per chat on each side
@@ -469,7 +469,7 @@ async def standalone(settings: Settings, workers: int | None) -> dict[str, Any]:
         env = {"THREADLINE_WORKERS": str(workers)} if workers else {}
         process, url = await start_server(endpoints, **env)
         try:
-            threadline = Target("threadline", url, process.pid, key, api="realtime")
+            threadline = Target("threadline", url, process.pid, key, api=api)
             chat = await with_peers(threadline, settings, Path(tmp))
         finally:
             await stop_server(process)
@@ -515,7 +515,12 @@ def main() -> None:
     parser.add_argument("--url", help="drive this running server instead (no stack, no peers, no files)")
     parser.add_argument("--token", default="", help="with --url: its API key")
     parser.add_argument("--pid", type=int, default=0, help="with --url: its pid, for CPU and RSS")
-    parser.add_argument("--api", default="realtime", choices=["realtime", "sessions-stream", "stream"])
+    parser.add_argument(
+        "--api",
+        default="realtime",
+        choices=["realtime", "sessions-stream", "stream"],
+        help="how Threadline (or the --url server) is driven; see bench/chat_load.py",
+    )
     args = parser.parse_args()
     settings = Settings.of(args.quick)
     settings.procs, settings.py_spy = args.procs, args.py_spy
@@ -527,7 +532,8 @@ def main() -> None:
     if args.url:
         print(render(asyncio.run(external(settings, args.url, args.token, args.pid, args.api))))
         return
-    chat = asyncio.run(standalone(settings, args.workers))
+    chat = asyncio.run(standalone(settings, args.workers, args.api))
+    chat["api"] = args.api
     chat["started"], chat["quick"] = started, args.quick
     header = f"({'quick' if args.quick else 'full'} run, {chat['cpus']} CPUs, {started})\n\n"
     if args.sessions or args.seconds:  # not the standard ramp: print only, keep the results
