@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install peer-install run test test-unit fuzz lint typecheck check bench bench-quick bench-sessions bench-sdk client-install-check clean
+.PHONY: install peer-install run test test-unit fuzz lint typecheck check bench bench-quick bench-chat bench-sessions bench-sdk client-install-check clean
 
 install: $(VENV)/.installed conformance/node_modules/.installed ui-tests/node_modules/.installed
 
@@ -55,13 +55,20 @@ fuzz: install
 	status=$$?; echo "fuzz seed: $$seed"; exit $$status
 
 ## Benchmarks: Threadline next to the Durable Streams reference server and the cost floor, plus
-## lists and replication lag; one table to stdout and bench/results/compare.{json,md} (< 10 min)
+## lists, replication lag and the chat-shaped ramp; one table to stdout and
+## bench/results/compare.{json,md} (≤ 15 min). BENCH_ARGS, e.g. "--workers 2", passes options on.
+BENCH_ARGS ?=
 bench: install peer-install
-	$(BIN)/python bench/compare.py
+	$(BIN)/python bench/compare.py $(BENCH_ARGS)
 
-## The same at small sizes (about a minute; lists and replication lag only in the full run)
+## The same at small sizes (about two minutes; lists and replication lag only in the full run)
 bench-quick: install peer-install
-	$(BIN)/python bench/compare.py --quick
+	$(BIN)/python bench/compare.py --quick $(BENCH_ARGS)
+
+## Only the chat-shaped ramp (N sessions, each 1 writer at 20 records/s + 1 SSE subscriber), on
+## Threadline and both peers: bench/results/chat.{json,md} (about 6 min; BENCH_ARGS=--quick: 1.5)
+bench-chat: install peer-install
+	$(BIN)/python bench/chat.py $(BENCH_ARGS)
 
 ## The sessions REST API next to its Postgres floor
 bench-sessions: install

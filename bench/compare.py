@@ -8,8 +8,12 @@ bench/peer by `npm ci` if missing) twice: in memory, and with its file store. Ev
 in a separate load-generator process (bench/loadgen.py) against each server in turn, through the
 same protocol; the orchestrator samples the server's RSS and CPU while it runs. The floor (S3 PUT,
 Postgres commit, on the same stack) is measured in the same run. The full run adds the list and
-replication-lag benchmark (bench/list_replication.py, its own stack). Results: one table on stdout
-and bench/results/compare{,_quick}.{json,md}.
+replication-lag benchmark (bench/list_replication.py, its own stack). Last, the chat-shaped ramp
+(bench/chat.py: N sessions, each one writer at 20 records/s and one SSE subscriber) on the same
+server and both peers. Results: one table on stdout and bench/results/compare{,_quick}.{json,md}.
+
+    --workers N   sets THREADLINE_WORKERS for the `threadline serve` it starts (multi-worker servers)
+    --procs P     the chat ramp's load-generator processes (default: one per 200 sessions)
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import json
 import os
 import resource
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,33 +37,23 @@ import obstore
 import psutil
 from obstore.store import S3Store
 
-from harness import REPO, pct, start_server, stop_server, tenant, tree_cpu_seconds, tree_rss, write_results
+import chat
+from harness import (
+    REPO,
+    Target,
+    ensure_peer_installed,
+    pct,
+    start_peer,
+    start_server,
+    stop_server,
+    tenant,
+    tree_cpu_seconds,
+    tree_rss,
+    write_results,
+)
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
 
-PEER_DIR = REPO / "bench" / "peer"
 LOADGEN = REPO / "bench" / "loadgen.py"
-
-
-@dataclass
-class Target:
-    name: str
-    url: str
-    pid: int
-    token: str = ""
-    process: subprocess.Popen[str] | None = None
-    data_dir: Path | None = None  # a file-store peer: restarted empty before every workload
-
-    def restart(self) -> None:
-        """The reference file store keeps at most 100 open stream files (``maxFileHandles``,
-        not settable through DurableStreamTestServer); past that its appends answer 404. Each
-        workload therefore gets a fresh, empty peer, so none sees more streams than it creates."""
-        assert self.process is not None
-        assert self.data_dir is not None
-        self.process.terminate()
-        self.process.wait(15)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-        self.process, self.url = start_peer(self.data_dir)
-        self.pid = self.process.pid
 
 
 @dataclass
@@ -184,29 +177,6 @@ async def floor(
 
 
 # --- servers ----------------------------------------------------------------------------------
-
-
-def ensure_peer_installed() -> None:
-    if (PEER_DIR / "node_modules" / "@durable-streams" / "server").exists():
-        return
-    if shutil.which("npm") is None:
-        raise SystemExit("the peer needs node and npm on PATH (see README)")
-    subprocess.run(
-        ["npm", "ci", "--prefix", str(PEER_DIR), "--no-audit", "--no-fund", "--loglevel=error"], check=True
-    )
-
-
-def start_peer(data_dir: Path | None) -> tuple[subprocess.Popen[str], str]:
-    command = ["node", str(PEER_DIR / "server.mjs"), "--port", "0", "--long-poll-timeout-ms", "30000"]
-    if data_dir is not None:
-        command += ["--data-dir", str(data_dir)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline().strip()
-    if not line.startswith("listening "):
-        process.kill()
-        raise RuntimeError(f"peer did not start: {line!r}")
-    return process, line.removeprefix("listening ").rstrip("/")
 
 
 # --- running one workload -------------------------------------------------------------------
@@ -343,6 +313,8 @@ def render(result: dict[str, Any]) -> str:
                 f"{res['loadgen_cpu_s']:.1f} of {res['loadgen_wall_s']:.1f} s"
             )
         lines.append(f"| {row['title']} | " + " | ".join(cells) + " |")
+    if result.get("chat"):
+        lines += ["", chat.render(result["chat"])]
     lists = result.get("lists")
     if lists:
         lines += ["", "Lists and replication (bench/list_replication.py, same command):", ""]
@@ -376,19 +348,17 @@ def render(result: dict[str, Any]) -> str:
 # --- main -------------------------------------------------------------------------------------
 
 
-async def compare(quick: bool) -> dict[str, Any]:
+async def compare(quick: bool, workers: int | None, procs: int, py_spy: Path | None) -> dict[str, Any]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000 SSE sockets on each side
-    ensure_peer_installed()
-    peer_version = json.loads((PEER_DIR / "node_modules/@durable-streams/server/package.json").read_text())[
-        "version"
-    ]
+    peer_version = ensure_peer_installed()
     plan = workloads(quick)
     result: dict[str, Any] = {
         "quick": quick,
         "cpus": os.cpu_count(),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "peer_version": peer_version,
+        "workers": workers,
     }
     with tempfile.TemporaryDirectory() as tmp, EmbeddedStack(Path(tmp) / "stack") as stack:
         endpoints = stack.endpoints
@@ -396,7 +366,9 @@ async def compare(quick: bool) -> dict[str, Any]:
         result["floor"] = await floor(
             endpoints, 100 if quick else 1000, 1 if quick else 5, 10_000 if quick else 100_000
         )
-        process, url = await start_server(endpoints)
+        process, url = await start_server(
+            endpoints, **({"THREADLINE_WORKERS": str(workers)} if workers else {})
+        )
         peer_dir = Path(tmp) / "peer-data"
         file_peer, file_url = start_peer(peer_dir)
         memory_peer, memory_url = start_peer(None)
@@ -415,6 +387,15 @@ async def compare(quick: bool) -> dict[str, Any]:
                         f"{workload.key:>11} {target.name:>12}: {json.dumps(workload.results[target.name])}",
                         file=sys.stderr,
                     )
+            settings = chat.Settings.of(quick)
+            settings.procs, settings.py_spy = procs, py_spy
+            ours = frozenset(t.pid for t in targets[1:])  # this run's idle peers: not the stack
+            result["chat"] = await chat.with_peers(
+                Target("threadline", url, process.pid, key, api="realtime"),
+                settings,
+                Path(tmp),
+                exclude=ours,
+            )
         finally:
             await stop_server(process)
             for target in targets:
@@ -427,8 +408,8 @@ async def compare(quick: bool) -> dict[str, Any]:
     return result
 
 
-def main(quick: bool) -> None:
-    result = asyncio.run(compare(quick))
+def main(quick: bool, workers: int | None, procs: int, py_spy: Path | None) -> None:
+    result = asyncio.run(compare(quick, workers, procs, py_spy))
     if not quick:
         subprocess.run([sys.executable, str(REPO / "bench" / "list_replication.py")], check=True)
         result["lists"] = json.loads((REPO / "bench" / "results" / "list_replication.json").read_text())
@@ -439,5 +420,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes; about a minute")
-    main(parser.parse_args().quick)
+    parser.add_argument("--quick", action="store_true", help="small sizes; about two minutes")
+    chat.add_arguments(parser)
+    args = parser.parse_args()
+    main(args.quick, args.workers, args.procs, args.py_spy)

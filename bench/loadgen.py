@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from sse_wire import SseParser
+
 RECORD_200 = "x" * 196  # with quotes and a comma: ~200 bytes a record in a JSON array
 JSON = {"Content-Type": "application/json"}
 OCTETS = {"Content-Type": "application/octet-stream"}
@@ -143,37 +145,19 @@ class _Subscriber(asyncio.Protocol):
         self.latencies = latencies
         self.ready = ready
         self.counter = counter
-        self.buffer = b""
-        self.header_done = False
+        self.parser = SseParser()
         self.got_control = False
         self.closed = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
         now = time.time()
-        self.buffer += data
-        if not self.header_done:
-            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
-            if not sep:
-                return
-            status = head.split(b"\r\n", 1)[0]
-            if b" 200" not in status:
-                raise RuntimeError(f"SSE subscribe failed: {status!r}")
-            self.header_done, self.buffer = True, rest
-        *events, self.buffer = self.buffer.split(b"\n\n")
-        for event in events:
-            kind = b""
-            data: list[bytes] = []
-            for line in event.split(b"\n"):
-                if line.startswith(b"event:"):
-                    kind = line[6:].strip()
-                elif line.startswith(b"data:"):
-                    data.append(line[5:].lstrip(b" "))
-            if kind == b"control" and not self.got_control:
+        for name, payload in self.parser.feed(data):
+            if name == b"control" and not self.got_control:
                 self.got_control = True
                 self.counter[0] += 1
                 self.ready.set()
-            elif kind == b"data":
-                for record in json.loads(b"\n".join(data)):
+            elif name == b"data":
+                for record in json.loads(payload):
                     self.latencies.append(now - record["t"])
 
     def connection_lost(self, exc: Exception | None) -> None:

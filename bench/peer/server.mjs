@@ -2,15 +2,17 @@
 // The Durable Streams reference server (@durable-streams/server), as a peer for benchmarks.
 //
 //   node bench/peer/server.mjs [--port N] [--host H] [--data-dir DIR] [--long-poll-timeout-ms MS]
-//                              [--no-compression]
+//                              [--no-compression] [--max-file-handles N]
 //
 // Each flag falls back to an env var: PEER_PORT (default 0 = any free port), PEER_HOST
 // (default 127.0.0.1), PEER_DATA_DIR (unset = in-memory store; set = the file store, LMDB plus
 // append-only logs), PEER_LONG_POLL_MS (default 30000, the package's own default),
-// PEER_COMPRESSION=0. Stdout carries exactly one line, `listening <url>`, once the server accepts
+// PEER_COMPRESSION=0, PEER_MAX_FILE_HANDLES (file store only: how many stream files it keeps open;
+// the package's default is 100 and DurableStreamTestServer does not pass it on, so past 100
+// streams appended to at once its appends fail; the chat benchmark runs up to 1,000). Stdout carries exactly one line, `listening <url>`, once the server accepts
 // connections; the package's own log lines go to stderr. SIGTERM / SIGINT stop it cleanly.
 import { parseArgs } from "node:util";
-import { DurableStreamTestServer } from "@durable-streams/server";
+import { DurableStreamTestServer, FileBackedStreamStore } from "@durable-streams/server";
 
 // Keep stdout for the ready line: the package logs info lines with console.info.
 console.info = console.error;
@@ -30,6 +32,7 @@ try {
       "data-dir": { type: "string" },
       "long-poll-timeout-ms": { type: "string" },
       "no-compression": { type: "boolean" },
+      "max-file-handles": { type: "string" },
     },
     strict: true,
   }));
@@ -55,6 +58,12 @@ const options = {
 };
 
 const server = new DurableStreamTestServer(options);
+const maxFileHandles = integer("--max-file-handles", values["max-file-handles"] ?? env.PEER_MAX_FILE_HANDLES, 0);
+if (maxFileHandles > 0 && dataDir) {
+  // The same file store, with a larger pool of open stream files (see the header).
+  await server.store.close();
+  server.store = new FileBackedStreamStore({ dataDir, maxFileHandles });
+}
 let url;
 try {
   url = await server.start();
