@@ -418,6 +418,9 @@ def prometheus(
     def scraped_enough() -> bool:
         assert process.poll() is None, (directory / "prometheus.log").read_text()
         try:
+            # Until its storage is open Prometheus answers 503 in plain text.
+            if httpx.get(f"{url}/-/ready", timeout=30).status_code != 200:
+                return False
             # rate() needs two samples in its window; a few more make every window hold some.
             result = _query(url, 'count_over_time(up{job="threadline"}[1m]) >= 5 and up == 1')
         except httpx.TransportError:
