@@ -104,6 +104,9 @@ SAFE_WAL_BYTES = Gauge(
     "threadline_replication_safe_wal_bytes",
     "WAL Postgres may still write before it invalidates the slot (leader's last reading; "
     "NaN while unknown or max_slot_wal_keep_size is unlimited)",
+    # Most recent, not largest: every worker starts at NaN and only the leader updates it, and
+    # max() over NaN depends on the order it meets the values in.
+    multiprocess_mode="livemostrecent",
 )
 # NaN, not 0, until read: 0 would mean "invalidation is imminent" to a dashboard or an alert.
 SAFE_WAL_BYTES.set(math.nan)

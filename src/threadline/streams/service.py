@@ -61,7 +61,12 @@ _STALE_TARGET = (StreamNotFound, StreamGone, ContentTypeMismatch)
 # "sse": follow (both SSE routes); "long_poll": poll. Per instance: a load balancer that piles
 # subscribers on one instance shows here.
 LiveMode = Literal["sse", "long_poll"]
-LIVE_READERS = Gauge("threadline_live_readers", "Live reads open on this instance (SSE, long-poll)", ["mode"])
+LIVE_READERS = Gauge(
+    "threadline_live_readers",
+    "Live reads open on this instance (SSE, long-poll)",
+    ["mode"],
+    multiprocess_mode="livesum",  # with several workers: the instance's readers, all workers summed
+)
 LIVE_RECORDS = Counter(
     "threadline_live_records_delivered_total",
     "Records handed to live readers, catch-up included (one record to N readers counts N)",
