@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--fresh", action="store_true", help="wipe the data directory first")
     dev.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     dev.add_argument("--port", type=int, default=None, help="HTTP port (default 8080; 0 picks a free one)")
+    dev.add_argument(
+        "--instances",
+        type=int,
+        default=None,
+        help="run N `threadline serve` processes behind HAProxy on --port instead of one in-process server",
+    )
 
     commands.add_parser("serve", help="run the server against THREADLINE_* configured services")
     commands.add_parser("migrate", help="apply Postgres migrations and the ClickHouse schema")

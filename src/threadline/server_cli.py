@@ -217,6 +217,12 @@ def run_server_command(args: argparse.Namespace) -> None:
             if args.port is not None:
                 overrides["port"] = args.port
             settings = base.model_copy(update=overrides)
+            if args.instances is not None:
+                if args.instances < 1:
+                    raise SystemExit("error: --instances must be at least 1")
+                from threadline.devserver import run_dev_cluster
+
+                sys.exit(run_dev_cluster(settings, fresh=args.fresh, instances=args.instances))
             sys.exit(run_dev(settings, fresh=args.fresh))
         elif args.command == "serve":
             _serve(base)
