@@ -163,7 +163,7 @@ async def phase(
         await writing
         total = writer.count
         await until(
-            lambda: all(s.received and s.received[-1][0] >= total - 1 for s in subscribers), timeout=30
+            lambda: all(s.received and s.received[-1][0] >= total - 1 for s in subscribers), seconds=30
         )
         for task in tasks:
             task.cancel()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import signal
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ import httpx
 import pytest
 
 from tests.conftest import Tenant, bearer, clickhouse_rows, eventually, make_tenant, run, settings_for
+from tests.test_dev_command import DevProcess, wait_no_processes
 from threadline.client import AsyncThreadline
 from threadline.embedded.cluster import HAPROXY_INSTALL_HINT, LocalCluster, find_haproxy
 from threadline.embedded.processes import StackError
@@ -226,3 +229,42 @@ def test_replication_leader_moves_on_a_crash(all_up: LocalCluster, cluster_tenan
         return rows == [(1,)]
 
     eventually(mirrored, timeout=60)
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/healthz", timeout=2)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+def test_dev_instances_serves_through_haproxy_and_stops_cleanly(tmp_path: Path) -> None:
+    """``threadline dev --instances 2`` as a user runs it: banner, requests through the balancer
+    reach both instances, SIGTERM stops the balancer, the instances and the stack."""
+    data_dir = tmp_path / "dev-cluster"
+    dev = DevProcess(data_dir, "--instances", "2", "--port", "0")
+    try:
+        banner = dev.wait_banner()
+        api = re.search(r"API\s+(http://\S+)", banner)
+        key = re.search(r"API key\s+(\S+)", banner)
+        instances = re.findall(r"^\s+tl\d\s+(http://\S+)", banner, re.MULTILINE)
+        assert api, banner
+        assert key, banner
+        assert len(instances) == 2, banner
+        served_by = set()
+        with httpx.Client(base_url=api.group(1), headers=bearer(key.group(1)), timeout=30) as client:
+            for _ in range(6):
+                created = client.post("/api/v1/sessions", json={"type": "dev-cluster"})
+                assert created.status_code == 201, created.text
+                served_by.add(created.headers["x-threadline-instance"])
+        assert served_by == {"tl1", "tl2"}
+        dev.proc.send_signal(signal.SIGTERM)
+        assert dev.proc.wait(90) == 0, "".join(dev.stderr[-30:])
+    finally:
+        if dev.proc.poll() is None:
+            dev.proc.kill()
+            dev.proc.wait(30)
+    for url in [api.group(1), *instances]:
+        assert _refused(url), f"{url} still answers after dev stopped"
+    wait_no_processes(data_dir)
