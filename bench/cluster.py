@@ -176,6 +176,12 @@ def exact(subscribers: list[Subscriber], total: int) -> dict[str, int]:
     return {"subscribers_not_exact": wrong, "records": total}
 
 
+def summary(samples: list[float]) -> dict[str, Any]:
+    if not samples:
+        return {"n": 0, "p50_ms": None, "p99_ms": None}
+    return {"n": len(samples), "p50_ms": round(pct(samples, 0.5), 1), "p99_ms": round(pct(samples, 0.99), 1)}
+
+
 def delivery(subscribers: list[Subscriber], writer: Writer) -> dict[str, Any]:
     cross: list[float] = []
     same: list[float] = []
@@ -186,18 +192,10 @@ def delivery(subscribers: list[Subscriber], writer: Writer) -> dict[str, Any]:
     every = cross + same
     return {
         "deliveries": len(every),
-        "cross_instance": {
-            "n": len(cross),
-            "p50_ms": round(pct(cross, 0.5), 1),
-            "p99_ms": round(pct(cross, 0.99), 1),
-        },
-        "same_instance": {
-            "n": len(same),
-            "p50_ms": round(pct(same, 0.5), 1),
-            "p99_ms": round(pct(same, 0.99), 1),
-        },
-        "all": {"p50_ms": round(pct(every, 0.5), 1), "p99_ms": round(pct(every, 0.99), 1)},
-        "append_ack": {"p50_ms": round(pct(writer.acks, 0.5), 1), "p99_ms": round(pct(writer.acks, 0.99), 1)},
+        "cross_instance": summary(cross),
+        "same_instance": summary(same),
+        "all": summary(every),
+        "append_ack": summary(writer.acks),
         "writer_instances": sorted({w for _, w in writer.sent.values()}),
         "subscriber_instances": {
             name: sum(1 for s in subscribers if s.connections[0][1] == name)

@@ -14,6 +14,8 @@ import asyncio
 import json
 import re
 import signal
+import threading
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +26,10 @@ import pytest
 from tests.conftest import Tenant, bearer, clickhouse_rows, eventually, make_tenant, run, settings_for
 from tests.test_dev_command import DevProcess, wait_no_processes
 from threadline.client import AsyncThreadline
+from threadline.client._errors import error_from_response
 from threadline.embedded.cluster import HAPROXY_INSTALL_HINT, LocalCluster, find_haproxy
 from threadline.embedded.processes import StackError
+from threadline.errors import OutcomeUnknown
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +44,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     except StackError:
         pytest.fail(f"tests/test_cluster.py needs HAProxy as its load balancer: {HAPROXY_INSTALL_HINT}")
     data_dir: Path = tmp_path_factory.mktemp("cluster")
-    with LocalCluster(data_dir, env={"THREADLINE_REPLICATION_POLL_INTERVAL_SECONDS": "0.05"}) as running:
+    env = {
+        "THREADLINE_REPLICATION_POLL_INTERVAL_SECONDS": "0.05",
+        # A stream whose client left is noticed at the next heartbeat: keep leftovers short-lived.
+        "THREADLINE_SSE_HEARTBEAT_SECONDS": "1",
+    }
+    with LocalCluster(data_dir, env=env) as running:
         yield running
 
 
@@ -201,6 +210,42 @@ def test_rolling_restart_loses_nothing(all_up: LocalCluster, cluster_tenant: Ten
     run(workload.run(restart_each))
     assert all(pids_before[i.name] != i.process.pid for i in cluster.instances)
     workload.check()
+
+
+def test_an_instance_dying_mid_request_answers_a_retryable_503(
+    all_up: LocalCluster, cluster_tenant: Tenant
+) -> None:
+    """The balancer's answer for a request an instance took and never answered: 503
+    ``outcome_unknown`` with Retry-After, which an idempotent client retries and a plain append
+    does not (HAProxy itself would say 502, which clients do not retry)."""
+    cluster = all_up
+    name = f"cluster-long-poll-{uuid.uuid4().hex}"
+    with httpx.Client(base_url=cluster.url, headers=bearer(cluster_tenant.key), timeout=60) as client:
+        created = client.put(f"/v1/stream/{name}", headers={"Content-Type": "application/json"})
+        assert created.status_code == 201, created.text
+    answers: list[httpx.Response] = []
+    # Idle first, so the one busy instance is the one holding the long-poll (streams of earlier
+    # tests linger in HAProxy until the server's next heartbeat finds their client gone).
+    eventually(lambda: all(row["scur"] in ("", "0") for row in cluster.server_stats().values()), timeout=60)
+
+    def long_poll() -> None:
+        with httpx.Client(base_url=cluster.url, headers=bearer(cluster_tenant.key), timeout=60) as client:
+            answers.append(client.get(f"/v1/stream/{name}", params={"offset": "-1", "live": "long-poll"}))
+
+    poller = threading.Thread(target=long_poll)
+    poller.start()
+
+    def holder() -> str | None:
+        busy = [n for n, row in cluster.server_stats().items() if int(row["scur"] or 0) > 0]
+        return busy[0] if len(busy) == 1 else None
+
+    cluster.kill(eventually(holder, timeout=30))
+    poller.join(60)
+    [answer] = answers
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["retry-after"] == "1"
+    assert answer.json()["error"]["code"] == "outcome_unknown"
+    assert isinstance(error_from_response(503, answer.headers, answer.content), OutcomeUnknown)
 
 
 def test_replication_leader_moves_on_a_crash(all_up: LocalCluster, cluster_tenant: Tenant) -> None:
