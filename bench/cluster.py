@@ -36,6 +36,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import psutil
 
 from harness import pct, tenant, write_results
 from threadline.embedded.cluster import LocalCluster
@@ -117,6 +118,17 @@ class Writer:
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
 
 
+def cpu_seconds(cluster: LocalCluster) -> dict[str, float]:
+    """User + system CPU seconds so far of each instance, the balancer and this process."""
+    found = {}
+    for name, pid in cluster.pids().items():
+        times = psutil.Process(pid).cpu_times()
+        found[name] = times.user + times.system
+    own = psutil.Process().cpu_times()
+    found["bench client"] = own.user + own.system
+    return found
+
+
 async def until(condition: Callable[[], bool], *, seconds: float) -> bool:
     """Poll ``condition``; False when ``seconds`` passed first (the figures then show what is missing)."""
     deadline = time.monotonic() + seconds
@@ -146,6 +158,7 @@ async def phase(
         tasks = [asyncio.create_task(s.run(client, path, stop)) for s in subscribers]
         await until(lambda: all(s.connections for s in subscribers), seconds=120)
         writer = Writer()
+        cpu_before = cpu_seconds(cluster)
         writing = asyncio.create_task(writer.run(client, f"{path}/append", args.rate, stop))
         if kill:
             await asyncio.sleep(5)
@@ -162,6 +175,9 @@ async def phase(
         stop.set()
         await writing
         total = writer.count
+        if not kill:
+            after = cpu_seconds(cluster)
+            extra["cpu_seconds"] = {name: round(after[name] - cpu_before[name], 2) for name in after}
         await until(
             lambda: all(s.received and s.received[-1][0] >= total - 1 for s in subscribers), seconds=30
         )
@@ -234,13 +250,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.to_thread(cluster.start)
         try:
             _, key = await tenant(cluster.endpoints, "bench-cluster")
-            subscribers, writer, _ = await phase(cluster, key, args, kill=False)
+            subscribers, writer, measured = await phase(cluster, key, args, kill=False)
             result: dict[str, Any] = {
                 "instances": args.instances,
                 "subscribers": args.subscribers,
                 "rate": args.rate,
                 "seconds": args.seconds,
                 "delivery": {**delivery(subscribers, writer), **exact(subscribers, writer.count)},
+                "cpu_seconds": measured["cpu_seconds"],
+            }
+            deliveries = result["delivery"]["all"]["n"]
+            servers = sum(v for k, v in measured["cpu_seconds"].items() if k.startswith("tl"))
+            result["cpu_ms_per_1000_deliveries"] = {
+                "instances": round(servers * 1e6 / deliveries, 1) if deliveries else None,
+                "haproxy": round(measured["cpu_seconds"].get("haproxy", 0) * 1e6 / deliveries, 1)
+                if deliveries
+                else None,
             }
             if args.instances > 1:  # one instance has nowhere to fail over to
                 subscribers, writer, extra = await phase(cluster, key, args, kill=True)
@@ -273,6 +298,8 @@ def table(r: dict[str, Any]) -> str:
         f"| append acknowledged: p50 / p99 | {d['append_ack']['p50_ms']} / {d['append_ack']['p99_ms']} ms |",
         f"| subscribers without every record exactly once | {d['subscribers_not_exact']} of "
         f"{r['subscribers']} ({d['records']} records) |",
+        f"| CPU per 1,000 deliveries: instances / HAProxy | {r['cpu_ms_per_1000_deliveries']['instances']} / "
+        f"{r['cpu_ms_per_1000_deliveries']['haproxy']} ms (CPU s over the run: {r['cpu_seconds']}) |",
     ]
     if "failover" in r:
         f = r["failover"]

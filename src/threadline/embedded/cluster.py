@@ -210,6 +210,13 @@ class LocalCluster:
         instance.process.wait_ready(instance.ready, timeout)
         self.wait_balanced({name}, timeout=timeout)
 
+    def pids(self) -> dict[str, int]:
+        """The pid of each running instance and of the balancer (``haproxy``): for CPU sampling."""
+        found = {i.name: pid for i in self.instances if i.running and (pid := i.process.pid) is not None}
+        if self._haproxy is not None and self._haproxy.running and self._haproxy.pid is not None:
+            found["haproxy"] = self._haproxy.pid
+        return found
+
     def leaders(self) -> list[str]:
         """The running instances that say they lead replication (one, once settled)."""
         return [i.name for i in self.instances if i.running and _answers(i.is_leader)]
