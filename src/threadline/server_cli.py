@@ -220,6 +220,10 @@ def run_server_command(args: argparse.Namespace) -> None:
             if args.instances is not None:
                 if args.instances < 1:
                     raise SystemExit("error: --instances must be at least 1")
+                if args.host is not None:
+                    raise SystemExit(
+                        "error: --host does not apply to --instances: the cluster listens on 127.0.0.1"
+                    )
                 from threadline.devserver import run_dev_cluster
 
                 sys.exit(run_dev_cluster(settings, fresh=args.fresh, instances=args.instances))
