@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     dev.add_argument("--port", type=int, default=None, help="HTTP port (default 8080; 0 picks a free one)")
     _add_workers_arg(dev)
+    dev.add_argument(
+        "--instances",
+        type=int,
+        default=None,
+        help="run N `threadline serve` processes behind HAProxy on --port instead of one in-process server",
+    )
 
     serve = commands.add_parser("serve", help="run the server against THREADLINE_* configured services")
     _add_workers_arg(serve)

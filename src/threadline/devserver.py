@@ -24,11 +24,12 @@ from threadline import __version__
 from threadline.auth.keys import bootstrap_environment, create_api_key, hash_key
 from threadline.config import DEV_ENDPOINTS_FILE, Settings
 from threadline.db import apply_migrations
+from threadline.embedded.cluster import LocalCluster
 from threadline.embedded.ports import ensure_port_free
 from threadline.embedded.processes import StackError
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
 
-__all__ = ["run_dev", "settings_for_stack"]
+__all__ = ["run_dev", "run_dev_cluster", "settings_for_stack"]
 
 DEV_KEY_FILE = "dev-key"
 
@@ -162,4 +163,57 @@ def run_dev(settings: Settings, *, fresh: bool) -> int:
     finally:
         (settings.data_dir / DEV_ENDPOINTS_FILE).unlink(missing_ok=True)
         stack.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _cluster_banner(cluster: LocalCluster, key: str, started_in: float) -> str:
+    endpoints = cluster.endpoints
+    instances = "\n".join(
+        f"  {i.name:<11} {i.url}  (log {cluster.stack.logs_dir / i.name}.log)" for i in cluster.instances
+    )
+    return f"""
+Threadline {__version__}: {len(cluster.instances)} instances behind HAProxy on the embedded stack (ready in {started_in:.1f} s)
+  API         {cluster.url}   (the balancer; X-Threadline-Instance names who answered)
+  Stats       {cluster.stats_url}/stats   (Prometheus: {cluster.stats_url}/metrics)
+{instances}
+  Config      {cluster.config_path}
+  Postgres    {endpoints.database_url.split("@")[-1]}
+  S3          {endpoints.s3_endpoint} (bucket {endpoints.s3_bucket})
+  ClickHouse  {endpoints.clickhouse_url.split("@")[-1]}
+  Data dir    {cluster.data_dir}
+  API key     {key}
+
+Try a crash: kill -9 one instance's pid (`ps -ef | grep "threadline serve"`); clients reconnect
+through the balancer. Ctrl-C stops the balancer, the instances and the stack.
+"""
+
+
+def run_dev_cluster(settings: Settings, *, fresh: bool, instances: int) -> int:
+    """``threadline dev --instances N``: the stack, N ``threadline serve`` processes and HAProxy on
+    ``settings.port``, in the foreground until Ctrl-C or SIGTERM. A crashed instance is not
+    restarted: the point of the mode is to watch what clients do when one goes away."""
+    started = time.perf_counter()
+    settings = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
+    previous: Any = signal.signal(signal.SIGTERM, _raise_on_term)
+    cluster = LocalCluster(settings.data_dir, instances=instances, port=settings.port, fresh=fresh)
+    try:
+        if settings.port:
+            ensure_port_free(settings.host, settings.port, service="the load balancer")
+        # The key (and the migrations) before the instances start, so they do not race to migrate.
+        endpoints = cluster.stack.start()
+        key = asyncio.run(_dev_key(settings_for_stack(settings, endpoints)))
+        env = endpoints.as_env()
+        _write_private(settings.data_dir / DEV_ENDPOINTS_FILE, "".join(f"{k}={v}\n" for k, v in env.items()))
+        cluster.start()
+        print(_cluster_banner(cluster, key, time.perf_counter() - started), flush=True)
+        while True:
+            time.sleep(3600)
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        (settings.data_dir / DEV_ENDPOINTS_FILE).unlink(missing_ok=True)
+        cluster.stop()
         signal.signal(signal.SIGTERM, previous)

@@ -224,6 +224,20 @@ def run_server_command(args: argparse.Namespace) -> None:
             if args.workers is not None:
                 overrides["workers"] = args.workers
             settings = base.model_copy(update=overrides)
+            if args.instances is not None:
+                if args.instances < 1:
+                    raise SystemExit("error: --instances must be at least 1")
+                if args.host is not None:
+                    raise SystemExit(
+                        "error: --host does not apply to --instances: the cluster listens on 127.0.0.1"
+                    )
+                if args.workers is not None:
+                    raise SystemExit(
+                        "error: --workers does not apply to --instances: each instance is one process"
+                    )
+                from threadline.devserver import run_dev_cluster
+
+                sys.exit(run_dev_cluster(settings, fresh=args.fresh, instances=args.instances))
             sys.exit(run_dev(settings, fresh=args.fresh))
         elif args.command == "serve":
             sys.exit(
