@@ -51,6 +51,15 @@ class EmbeddedClickHouse:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None and self._process.running else None
 
+    @property
+    def exit_code(self) -> int | None:
+        """Set once the service's process died on its own (a crash, ``kill -9``)."""
+        return self._process.exit_code if self._process is not None else None
+
+    def clean_up_after_exit(self) -> None:
+        if self._process is not None:
+            self._process.clean_up_after_exit()
+
     def start(self, timeout: float = 90.0) -> None:
         ensure_port_free(HOST, self.port, service="the ClickHouse sidecar")
         self.root.mkdir(parents=True, exist_ok=True)

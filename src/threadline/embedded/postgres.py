@@ -177,6 +177,15 @@ class EmbeddedPostgres:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None and self._process.running else None
 
+    @property
+    def exit_code(self) -> int | None:
+        """Set once the service's process died on its own (a crash, ``kill -9``)."""
+        return self._process.exit_code if self._process is not None else None
+
+    def clean_up_after_exit(self) -> None:
+        if self._process is not None:
+            self._process.clean_up_after_exit()
+
     def start(self, timeout: float = 60.0) -> None:
         ensure_port_free(HOST, self.port, service="Postgres")
         self._prepare_dirs()
@@ -309,10 +318,12 @@ class EmbeddedPostgres:
             )
 
     def _check_stale_postmaster(self) -> None:
-        """Refuse to start next to a live orphan postmaster; drop a pid file whose pid was reused.
+        """Refuse to start next to a live orphan postmaster; drop a lock file whose pid is dead,
+        a zombie, or reused by another program.
 
-        Postgres itself refuses to start while the pid in ``postmaster.pid`` is alive, even when
-        that pid now belongs to an unrelated process after a crash.
+        Postgres itself refuses to start while the pid in ``postmaster.pid`` exists, even when
+        that pid is an unreaped zombie of the killed postmaster or, after a reboot or a crash,
+        belongs to an unrelated process.
         """
         pidfile = self.data_dir / "postmaster.pid"
         try:
@@ -321,8 +332,14 @@ class EmbeddedPostgres:
             return
         try:
             proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                raise psutil.NoSuchProcess(pid)
             cmdline = proc.cmdline()
-        except psutil.Error:
+        except psutil.NoSuchProcess:
+            logger.info("removing stale %s (pid %d is no longer running)", pidfile, pid)
+            pidfile.unlink(missing_ok=True)
+            return
+        except psutil.Error:  # alive but not ours to inspect: Postgres decides
             return
         if any(Path(arg).name == "postgres" for arg in cmdline[:1]) and str(self.data_dir) in cmdline:
             raise StackError(

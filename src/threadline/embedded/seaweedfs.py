@@ -117,6 +117,15 @@ class EmbeddedS3:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None and self._process.running else None
 
+    @property
+    def exit_code(self) -> int | None:
+        """Set once the service's process died on its own (a crash, ``kill -9``)."""
+        return self._process.exit_code if self._process is not None else None
+
+    def clean_up_after_exit(self) -> None:
+        if self._process is not None:
+            self._process.clean_up_after_exit()
+
     def store(self, *, secret_access_key: str | None = None) -> S3Store:
         """An obstore client for the bucket (``secret_access_key`` overrides, to test auth)."""
         return S3Store(
