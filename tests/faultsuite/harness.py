@@ -152,12 +152,14 @@ class _Servers:
         time.sleep(hold)
         self.procs[index] = self._start(self.ports[index])
 
+    def is_leader(self, index: int) -> bool:
+        try:
+            return self.procs[index].is_leader()
+        except httpx.HTTPError:  # busy or restarting: not known to lead
+            return False
+
     def leader(self) -> int | None:
-        for index, proc in enumerate(self.procs):
-            with contextlib.suppress(httpx.HTTPError):
-                if proc.is_leader():
-                    return index
-        return None
+        return next((index for index in range(len(self.procs)) if self.is_leader(index)), None)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -181,7 +183,7 @@ def _inject(
         killed = time.monotonic()
         other = 1 - leader
         servers.procs[leader].kill()
-        while not servers.procs[other].is_leader():
+        while not servers.is_leader(other):
             if time.monotonic() > killed + 60:
                 raise RuntimeError("the standby did not take over within 60 s")
             time.sleep(0.05)
