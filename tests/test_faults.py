@@ -375,8 +375,7 @@ def _list_requests(client: httpx.Client) -> dict[str, httpx.Request]:
 
 
 def _mirrored(stack: EmbeddedStack, environment_id: str) -> bool:
-    endpoints = stack.endpoints
-    difference = mirror_difference(endpoints.database_url, endpoints.clickhouse_url, environment_id)
+    difference = mirror_difference(stack.endpoints, environment_id)
     if difference:
         print("mirror differs:", difference)
     return not difference

@@ -305,9 +305,7 @@ def run_faults(options: Options) -> Report:
                 started = time.monotonic()
                 deadline = started + 180
                 while True:
-                    report.mirror = mirror_difference(
-                        stack.endpoints.database_url, stack.endpoints.clickhouse_url, tenant.environment_id
-                    )
+                    report.mirror = mirror_difference(stack.endpoints, tenant.environment_id)
                     if not report.mirror or time.monotonic() > deadline:
                         break
                     time.sleep(0.5)

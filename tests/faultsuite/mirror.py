@@ -7,13 +7,10 @@ times) at microsecond precision, so a lost, stale or duplicated change shows as 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-import asyncpg
-import clickhouse_connect
-
-from threadline.storage.clickhouse import parse_clickhouse_url
+from tests.conftest import clickhouse_rows, pg_query
+from threadline.embedded.stack import StackEndpoints
 
 Row = tuple[str, tuple[str, ...], int, int, int | None]
 
@@ -31,46 +28,18 @@ FROM sessions_v1 FINAL WHERE environment_id = {e:String}
 """
 
 
-async def postgres_sessions(database_url: str, environment_id: str) -> dict[str, Row]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        rows = await conn.fetch(_POSTGRES, environment_id)
-    finally:
-        await conn.close()
-    return {
-        r[0]: (r[0], tuple(r[1] or ()), int(r[2]), int(r[3]), None if r[4] is None else int(r[4]))
-        for r in rows
-    }
+def _row(r: Any) -> Row:
+    return (r[0], tuple(r[1] or ()), int(r[2]), int(r[3]), None if r[4] is None else int(r[4]))
 
 
-def clickhouse_sessions(clickhouse_url: str, environment_id: str) -> dict[str, Row]:
-    target = parse_clickhouse_url(clickhouse_url)
-    client = clickhouse_connect.get_client(
-        host=target.host,
-        port=target.port,
-        username=target.username,
-        password=target.password,
-        database=target.database,
-        autogenerate_session_id=False,
-        connect_timeout=5,
-        send_receive_timeout=30,
-    )
-    try:
-        result: Any = client.query(_CLICKHOUSE, parameters={"e": environment_id}).result_rows
-    finally:
-        client.close()
-    rows: dict[str, Row] = {}
-    for r in result:
-        if r[0] in rows:  # FINAL keeps one row per session: a second one is a duplicate copy
-            raise AssertionError(f"session {r[0]} appears twice in sessions_v1 FINAL")
-        rows[r[0]] = (r[0], tuple(r[1]), int(r[2]), int(r[3]), None if r[4] is None else int(r[4]))
-    return rows
-
-
-def mirror_difference(database_url: str, clickhouse_url: str, environment_id: str) -> dict[str, Any]:
+def mirror_difference(endpoints: StackEndpoints, environment_id: str) -> dict[str, Any]:
     """What differs between Postgres and ClickHouse for one environment; empty when equal."""
-    postgres = asyncio.run(postgres_sessions(database_url, environment_id))
-    clickhouse = clickhouse_sessions(clickhouse_url, environment_id)
+    postgres = {r[0]: _row(r) for r in pg_query(endpoints.database_url, "fetch", _POSTGRES, environment_id)}
+    clickhouse: dict[str, Row] = {}
+    for r in clickhouse_rows(endpoints, _CLICKHOUSE, e=environment_id):
+        if r[0] in clickhouse:  # FINAL keeps one row per session: a second one is a duplicate copy
+            raise AssertionError(f"session {r[0]} appears twice in sessions_v1 FINAL")
+        clickhouse[r[0]] = _row(r)
     missing = sorted(set(postgres) - set(clickhouse))
     extra = sorted(set(clickhouse) - set(postgres))
     changed = sorted(k for k in set(postgres) & set(clickhouse) if postgres[k] != clickhouse[k])

@@ -26,6 +26,7 @@ import psutil
 from threadline.embedded.ports import ensure_port_free
 from threadline.embedded.processes import (
     ManagedProcess,
+    ProcessService,
     StackError,
     child_env,
     has_permitted_capability,
@@ -136,7 +137,7 @@ def _chown_tree(path: Path, uid: int, gid: int) -> None:
             os.chown(os.path.join(dirpath, entry), uid, gid, follow_symlinks=False)
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(ProcessService):
     """One Postgres cluster under ``root`` (``root/data``, socket in ``root/run``)."""
 
     name = "postgres"
@@ -172,19 +173,6 @@ class EmbeddedPostgres:
     @property
     def url(self) -> str:
         return f"postgresql://{SUPERUSER}:{quote(self.password, safe='')}@{HOST}:{self.port}/{DATABASE}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None and self._process.running else None
-
-    @property
-    def exit_code(self) -> int | None:
-        """Set once the service's process died on its own (a crash, ``kill -9``)."""
-        return self._process.exit_code if self._process is not None else None
-
-    def clean_up_after_exit(self) -> None:
-        if self._process is not None:
-            self._process.clean_up_after_exit()
 
     def start(self, timeout: float = 60.0) -> None:
         ensure_port_free(HOST, self.port, service="Postgres")

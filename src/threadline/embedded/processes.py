@@ -34,6 +34,7 @@ import psutil
 
 __all__ = [
     "ManagedProcess",
+    "ProcessService",
     "StackError",
     "child_env",
     "has_permitted_capability",
@@ -336,6 +337,26 @@ class ManagedProcess:
 
     def __repr__(self) -> str:
         return f"<ManagedProcess {self.name} pid={self.pid} running={self.running}>"
+
+
+class ProcessService:
+    """What every embedded service run as one :class:`ManagedProcess` shares: its pid while it
+    runs, its exit code once it died on its own, and the clean-up after that death."""
+
+    _process: ManagedProcess | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None and self._process.running else None
+
+    @property
+    def exit_code(self) -> int | None:
+        """Set once the service's process died on its own (a crash, ``kill -9``)."""
+        return self._process.exit_code if self._process is not None else None
+
+    def clean_up_after_exit(self) -> None:
+        if self._process is not None:
+            self._process.clean_up_after_exit()
 
 
 def _wait_exited(pid: int, timeout: float) -> bool:
