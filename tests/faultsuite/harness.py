@@ -44,6 +44,14 @@ FAULTS = (
     "clickhouse-kill",
     "leader-kill",
 )
+# The servers' bounds, shorter than the stalls (FAULT_HOLD, 8 s; the reduced test's 3 s): a stall
+# then runs into every timeout — a request's dependency bound, a group commit's statement bound
+# and the wait for a lost COMMIT's outcome — rather than being waited out.
+SERVER_ENV = {
+    "THREADLINE_DEPENDENCY_TIMEOUT_SECONDS": "2",
+    "THREADLINE_COMMIT_TIMEOUT_SECONDS": "2",
+    "THREADLINE_COMMIT_OUTCOME_WAIT_SECONDS": "1",
+}
 HEADLINE = ("acked", "http_503", "outcome_unknown", "no_answer", "definite_failure", "retries")
 
 
@@ -145,7 +153,8 @@ class _Servers:
 
     def _start(self, port: int) -> ServeProcess:
         self._starts += 1
-        return ServeProcess(self._stack.endpoints, self._logs / f"serve-{port}-{self._starts}.log", port=port)
+        log = self._logs / f"serve-{port}-{self._starts}.log"
+        return ServeProcess(self._stack.endpoints, log, port=port, **SERVER_ENV)
 
     def kill_and_restart(self, index: int, hold: float) -> None:
         self.procs[index].kill()
