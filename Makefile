@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install peer-install run cluster test-cluster bench-cluster test test-unit fuzz lint typecheck check bench bench-quick bench-chat bench-sessions bench-sdk client-install-check clean
+.PHONY: install peer-install run cluster test-cluster bench-cluster test test-unit fuzz faults soak lint typecheck check bench bench-quick bench-chat bench-sessions bench-sdk client-install-check clean
 
 install: $(VENV)/.installed conformance/node_modules/.installed ui-tests/node_modules/.installed
 
@@ -62,6 +62,22 @@ fuzz: install
 	THREADLINE_FUZZ_SEED=$$seed THREADLINE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
 	  $(BIN)/pytest tests/test_fuzz.py --timeout=3600; \
 	status=$$?; echo "fuzz seed: $$seed"; exit $$status
+
+## The fault suite (tests/faultsuite): the embedded stack and two `threadline serve` processes,
+## FAULT_PRODUCERS idempotent producers at full speed through kill -9 of a server and of the
+## replication leader, SIGSTOP/SIGCONT and kill + restart of Postgres, SeaweedFS and the chDB
+## sidecar; then the checker's verdict and counts (`make test` runs a reduced form)
+FAULT_PRODUCERS ?= 12
+FAULT_LOAD ?= 10
+FAULT_HOLD ?= 8
+faults: install
+	$(BIN)/python -m tests.faultsuite --producers $(FAULT_PRODUCERS) --load $(FAULT_LOAD) --hold $(FAULT_HOLD)
+
+## A soak (bench/soak.py): SOAK_MINUTES of sustained mixed load, server RSS, fds and latency per
+## minute, and a verdict on drift after warm-up
+SOAK_MINUTES ?= 30
+soak: install
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES)
 
 ## Benchmarks: Threadline next to the Durable Streams reference server and the cost floor, plus
 ## lists, replication lag and the chat-shaped ramp; one table to stdout and

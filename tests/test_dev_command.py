@@ -15,8 +15,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
+
+from tests.conftest import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -167,3 +170,90 @@ def test_unusable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     assert dev.proc.wait(timeout=60) == 1
     time.sleep(0.2)
     assert "error:" in "".join(dev.stderr)
+
+
+def _service_process(data_dir: Path, service: str, dev_pid: int) -> psutil.Process | None:
+    """The live main process of one embedded service of the dev launcher ``dev_pid``."""
+    for proc in psutil.Process(dev_pid).children():
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = proc.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        program = Path(cmdline[0]).name if cmdline else ""
+        if (
+            (service == "postgres" and program == "postgres")
+            or (service == "s3" and program == "weed")
+            or (service == "clickhouse" and "threadline.embedded.chdb_server" in cmdline)
+        ):
+            return proc
+    return None
+
+
+def _log_records(dev: DevProcess) -> list[dict[str, object]]:
+    records = []
+    for line in list(dev.stderr):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def test_dev_restarts_a_killed_service_on_the_same_ports_and_says_so(data_dir: Path) -> None:
+    dev = DevProcess(data_dir, "--port", "0")
+    banner = dev.wait_banner()
+    key = re.search(r"API key\s+(tl_sk_\S+)", banner)
+    api = re.search(r"API\s+(http://\S+)", banner)
+    assert key is not None, banner
+    assert api is not None, banner
+    headers = {"Authorization": f"Bearer {key.group(1)}"}
+    endpoints = (data_dir / "endpoints.env").read_text()
+    try:
+        for service in ("postgres", "s3", "clickhouse"):
+            victim = _service_process(data_dir, service, dev.proc.pid)
+            assert victim is not None, service
+            victim.kill()  # kill -9 of the service's main process only, as the OOM killer would
+
+            def reported(service: str = service) -> bool:
+                return any(
+                    record.get("service") == service
+                    and record.get("exit_code") == -9
+                    and "died" in str(record.get("event", ""))
+                    for record in _log_records(dev)
+                )
+
+            eventually(reported, timeout=30)
+
+            def back(service: str = service, old: int = victim.pid) -> bool:
+                proc = _service_process(data_dir, service, dev.proc.pid)
+                return (
+                    proc is not None
+                    and proc.pid != old
+                    and any(
+                        record.get("service") == service and "restarted" in str(record.get("event", ""))
+                        for record in _log_records(dev)
+                    )
+                )
+
+            eventually(back, timeout=120)
+            # The same ports (the running server's endpoints stay valid), and the server works:
+            # a session write needs Postgres, a stream append S3, /readyz checks ClickHouse.
+            assert (data_dir / "endpoints.env").read_text() == endpoints
+
+            def serving(service: str = service) -> bool:
+                with httpx.Client(base_url=api.group(1), headers=headers, timeout=30) as client:
+                    session = client.post("/api/v1/sessions", json={"type": f"after-{service}"})
+                    if session.status_code != 201:
+                        return False
+                    out = f"/v1/stream/sessions/{session.json()['id']}/out"
+                    appended = client.post(out, content=b'"hi"', headers={"Content-Type": "application/json"})
+                    return appended.status_code < 300 and client.get("/readyz").status_code == 200
+
+            eventually(serving, timeout=60, interval=1.0)
+        assert dev.proc.poll() is None  # dev itself kept running throughout
+    finally:
+        dev.proc.send_signal(signal.SIGTERM)
+        assert dev.proc.wait(timeout=90) == 0
+    wait_no_processes(data_dir)

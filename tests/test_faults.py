@@ -16,7 +16,6 @@ from pathlib import Path
 
 import asyncpg
 import httpx
-import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,8 +29,11 @@ from tests.conftest import (
     run,
     settings_for,
 )
+from tests.faultsuite.harness import stalled
+from tests.faultsuite.mirror import mirror_difference
+from threadline.api.sessions import LIST_SOURCE_HEADER
 from threadline.config import Settings
-from threadline.embedded.stack import EmbeddedStack, ServiceName
+from threadline.embedded.stack import EmbeddedStack
 
 pytestmark = pytest.mark.slow
 
@@ -163,34 +165,6 @@ STALL_BOUND_SECONDS = 2.0
 READYZ_BOUND_SECONDS = 3.0
 
 
-@contextlib.contextmanager
-def _stalled(stack: EmbeddedStack, name: ServiceName) -> Iterator[None]:
-    """Freeze every process of a service (Postgres: the postmaster first, so it forks no more,
-    then all its children), and thaw them however the block ends."""
-    root = psutil.Process(stack.service_pids()[name])
-    frozen = [root]
-    try:
-        root.suspend()
-        for child in root.children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.suspend()
-                frozen.append(child)
-        # Signals are delivered asynchronously: wait until the kernel reports each one stopped.
-        eventually(lambda: all(_stopped(proc) for proc in frozen), timeout=5, interval=0.05)
-        yield
-    finally:
-        for proc in reversed(frozen):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.resume()
-
-
-def _stopped(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() == psutil.STATUS_STOPPED
-    except psutil.NoSuchProcess:  # an exiting child does not answer either
-        return True
-
-
 def _timed(client: httpx.Client, request: httpx.Request) -> tuple[httpx.Response, float]:
     started = time.monotonic()
     response = client.send(request)
@@ -219,7 +193,7 @@ def test_stalled_postgres_is_503_within_the_bound_on_every_route_family(
     with httpx.Client(base_url=stall_server, headers=bearer(own_tenant.key), timeout=60) as client:
         session = client.post("/api/v1/sessions", json={"type": "chat"}).json()
         answers: dict[str, tuple[int, float]] = {}
-        with _stalled(own_stack, "postgres"):
+        with stalled(own_stack, "postgres"):
             for family, request in _requests(client, session["id"]).items():
                 response, elapsed = _timed(client, request)
                 answers[family] = (response.status_code, round(elapsed, 2))
@@ -252,7 +226,7 @@ def test_stalled_s3_is_503_within_the_bound_for_appends_and_uncached_reads(
         name = "/v1/stream/faults-s3-stall"
         assert client.put(name, headers=text).status_code == 201
         assert client.post(name, content=b"before", headers=text).status_code == 204
-        with _stalled(own_stack, "s3"):
+        with stalled(own_stack, "s3"):
             appended, append_elapsed = _timed(
                 client, client.build_request("POST", name, content=b"during", headers=text)
             )
@@ -396,3 +370,108 @@ def test_an_append_whose_commit_reply_is_lost_is_answered_with_its_real_outcome(
                 )
             # The committer carries on with a fresh connection.
             assert client.post(f"/v1/stream/{name}", content=b"third;", headers=text).status_code == 204
+
+
+# --- ClickHouse refused and stalled: lists fall back to Postgres, replication catches up --------
+
+
+@pytest.fixture(scope="module")
+def clickhouse_server(own_settings: Settings) -> Iterator[str]:
+    """A server that lists from ClickHouse and runs the replication consumer, with the short
+    dependency bound: a stalled ClickHouse must cost a list no more than that bound."""
+    settings = own_settings.model_copy(
+        update={
+            "list_source": "clickhouse",
+            "replication_enabled": True,
+            "replication_poll_interval_seconds": 0.05,
+            "dependency_timeout_seconds": STALL_BOUND_SECONDS,
+        }
+    )
+    with ServerThread(settings) as url:
+        yield url
+
+
+# Each test has an environment of its own: its lists hold exactly the sessions it made.
+PAGE = {"page[size]": "100"}
+
+
+def _list_requests(client: httpx.Client) -> dict[str, httpx.Request]:
+    return {
+        "list sessions": client.build_request("GET", "/api/v1/sessions", params=PAGE),
+        "count sessions": client.build_request("GET", "/api/v1/sessions/count"),
+    }
+
+
+def _mirrored(stack: EmbeddedStack, environment_id: str) -> bool:
+    difference = mirror_difference(stack.endpoints, environment_id)
+    if difference:
+        print("mirror differs:", difference)
+    return not difference
+
+
+def _assert_lists_answer_without_clickhouse(client: httpx.Client, expected: set[str]) -> None:
+    """Every list answers within the bound: from Postgres (complete, so it holds what was
+    written during the outage) or 503 with Retry-After; never 500, never a hang."""
+    for family, request in _list_requests(client).items():
+        response, elapsed = _timed(client, request)
+        print(f"{family} without ClickHouse: {response.status_code} in {elapsed:.2f} s")
+        assert elapsed < 3 * STALL_BOUND_SECONDS, (family, elapsed)
+        if response.status_code == 503:
+            assert response.headers.get("retry-after"), family
+            continue
+        assert response.status_code == 200, (family, response.status_code, response.text)
+        assert response.headers[LIST_SOURCE_HEADER] == "postgres", family
+        if family == "list sessions":
+            assert {item["id"] for item in response.json()["data"]} == expected
+        else:
+            assert response.json()["count"] == len(expected)
+
+
+def _churn(client: httpx.Client, kind: str, count: int) -> list[str]:
+    """Create sessions, retag one and close another: every kind of change replication carries."""
+    ids = []
+    for _ in range(count):
+        created = client.post("/api/v1/sessions", json={"type": kind})
+        assert created.status_code == 201, created.text  # writes do not depend on ClickHouse
+        ids.append(created.json()["id"])
+    assert client.patch(f"/api/v1/sessions/{ids[0]}", json={"tags": ["changed"]}).status_code == 200
+    assert client.post(f"/api/v1/sessions/{ids[-1]}/close", json={}).status_code == 200
+    return ids
+
+
+@pytest.mark.parametrize("fault", ["refused", "stalled"])
+def test_clickhouse_down_lists_answer_from_postgres_and_replication_catches_up_exactly(
+    own_stack: EmbeddedStack, clickhouse_server: str, own_settings: Settings, fault: str
+) -> None:
+    tenant = make_tenant(own_settings, f"faults-clickhouse-{fault}")
+    kind = f"ch-{fault}"
+    with httpx.Client(base_url=clickhouse_server, headers=bearer(tenant.key), timeout=60) as client:
+        ids = _churn(client, kind, 5)
+        eventually(lambda: _mirrored(own_stack, tenant.environment_id), timeout=90, interval=0.5)
+        listed = client.get("/api/v1/sessions", params=PAGE)
+        assert listed.headers[LIST_SOURCE_HEADER] == "clickhouse", listed.text
+
+        if fault == "refused":
+            own_stack.stop_service("clickhouse", kill=True)
+            outage: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        else:
+            outage = stalled(own_stack, "clickhouse")
+        try:
+            with outage:
+                ids += _churn(client, kind, 10)
+                _assert_lists_answer_without_clickhouse(client, set(ids))
+                _assert_lists_answer_without_clickhouse(client, set(ids))  # backed off now
+        finally:
+            if fault == "refused":
+                own_stack.start_service("clickhouse")
+        # Back: the copy catches up exactly (nothing lost, nothing doubled, the newest version
+        # of each changed session), and lists come from ClickHouse again.
+        eventually(lambda: _mirrored(own_stack, tenant.environment_id), timeout=120, interval=0.5)
+
+        def listed_from_clickhouse() -> bool:
+            response = client.get("/api/v1/sessions", params=PAGE)
+            return response.headers.get(LIST_SOURCE_HEADER) == "clickhouse" and {
+                item["id"] for item in response.json()["data"]
+            } == set(ids)
+
+        eventually(listed_from_clickhouse, timeout=60)

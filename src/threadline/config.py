@@ -108,7 +108,8 @@ class Settings(BaseSettings):
         le=60,
         description=(
             "Bound on a request's Postgres and S3 calls (waiting for a pooled connection included): "
-            "a stalled dependency answers 503 within it. Commits keep their own bound."
+            "a stalled dependency answers 503 within it. Commits keep their own bound. A list's "
+            "ClickHouse query falls back to Postgres after it (at most 10 s)."
         ),
     )
     commit_timeout_seconds: float = Field(

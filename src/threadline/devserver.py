@@ -1,7 +1,8 @@
 """``threadline dev``: the embedded stack plus the server in one foreground process.
 
 Order matters for a clean exit: the HTTP server stops first (in-flight requests finish), then the
-stack stops Postgres, S3 and ClickHouse. Children also carry a parent-death signal, so even a
+supervisor (which restarts a service that dies while dev runs), then the stack stops Postgres, S3
+and ClickHouse. Children also carry a parent-death signal, so even a
 ``kill -9`` of this process leaves no service running.
 """
 
@@ -28,6 +29,7 @@ from threadline.embedded.cluster import LocalCluster
 from threadline.embedded.ports import ensure_port_free
 from threadline.embedded.processes import StackError
 from threadline.embedded.stack import EmbeddedStack, StackEndpoints
+from threadline.embedded.supervisor import StackSupervisor
 
 __all__ = ["run_dev", "run_dev_cluster", "settings_for_stack"]
 
@@ -131,6 +133,7 @@ def run_dev(settings: Settings, *, fresh: bool) -> int:
     # Until uvicorn installs its own handlers, SIGTERM must still unwind through `finally`.
     previous: Any = signal.signal(signal.SIGTERM, _raise_on_term)
     stack = EmbeddedStack(settings.data_dir, fresh=fresh)
+    supervisor = StackSupervisor(stack)
     try:
         if settings.port:
             ensure_port_free(settings.host, settings.port)
@@ -139,6 +142,7 @@ def run_dev(settings: Settings, *, fresh: bool) -> int:
         env = endpoints.as_env()
         _write_private(settings.data_dir / DEV_ENDPOINTS_FILE, "".join(f"{k}={v}\n" for k, v in env.items()))
         key = asyncio.run(_dev_key(settings))
+        supervisor.start()  # a service that dies from here on is reported and restarted
         from threadline.api.app import uvicorn_config
         from threadline.workers import run_workers, worker_count
 
@@ -162,6 +166,7 @@ def run_dev(settings: Settings, *, fresh: bool) -> int:
         return 0
     finally:
         (settings.data_dir / DEV_ENDPOINTS_FILE).unlink(missing_ok=True)
+        supervisor.stop()  # before the stack: stopping a service is not a death to restart
         stack.stop()
         signal.signal(signal.SIGTERM, previous)
 

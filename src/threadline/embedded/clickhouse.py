@@ -14,7 +14,14 @@ from pathlib import Path
 from urllib.parse import quote
 
 from threadline.embedded.ports import ensure_port_free
-from threadline.embedded.processes import ManagedProcess, StackError, child_env, http_call, setpriv_prefix
+from threadline.embedded.processes import (
+    ManagedProcess,
+    ProcessService,
+    StackError,
+    child_env,
+    http_call,
+    setpriv_prefix,
+)
 
 __all__ = ["DATABASE", "USER", "EmbeddedClickHouse"]
 
@@ -25,7 +32,7 @@ _MODULE = "threadline.embedded.chdb_server"
 PASSWORD_ENV = "THREADLINE_CHDB_PASSWORD"
 
 
-class EmbeddedClickHouse:
+class EmbeddedClickHouse(ProcessService):
     """The sidecar process serving chDB data under ``root``."""
 
     name = "clickhouse"
@@ -46,10 +53,6 @@ class EmbeddedClickHouse:
     @property
     def url(self) -> str:
         return f"http://{USER}:{quote(self.password, safe='')}@{HOST}:{self.port}/{DATABASE}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None and self._process.running else None
 
     def start(self, timeout: float = 90.0) -> None:
         ensure_port_free(HOST, self.port, service="the ClickHouse sidecar")

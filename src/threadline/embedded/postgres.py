@@ -26,6 +26,7 @@ import psutil
 from threadline.embedded.ports import ensure_port_free
 from threadline.embedded.processes import (
     ManagedProcess,
+    ProcessService,
     StackError,
     child_env,
     has_permitted_capability,
@@ -136,7 +137,7 @@ def _chown_tree(path: Path, uid: int, gid: int) -> None:
             os.chown(os.path.join(dirpath, entry), uid, gid, follow_symlinks=False)
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(ProcessService):
     """One Postgres cluster under ``root`` (``root/data``, socket in ``root/run``)."""
 
     name = "postgres"
@@ -172,10 +173,6 @@ class EmbeddedPostgres:
     @property
     def url(self) -> str:
         return f"postgresql://{SUPERUSER}:{quote(self.password, safe='')}@{HOST}:{self.port}/{DATABASE}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None and self._process.running else None
 
     def start(self, timeout: float = 60.0) -> None:
         ensure_port_free(HOST, self.port, service="Postgres")
@@ -309,10 +306,12 @@ class EmbeddedPostgres:
             )
 
     def _check_stale_postmaster(self) -> None:
-        """Refuse to start next to a live orphan postmaster; drop a pid file whose pid was reused.
+        """Refuse to start next to a live orphan postmaster; drop a lock file whose pid is dead,
+        a zombie, or reused by another program.
 
-        Postgres itself refuses to start while the pid in ``postmaster.pid`` is alive, even when
-        that pid now belongs to an unrelated process after a crash.
+        Postgres itself refuses to start while the pid in ``postmaster.pid`` exists, even when
+        that pid is an unreaped zombie of the killed postmaster or, after a reboot or a crash,
+        belongs to an unrelated process.
         """
         pidfile = self.data_dir / "postmaster.pid"
         try:
@@ -321,8 +320,14 @@ class EmbeddedPostgres:
             return
         try:
             proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                raise psutil.NoSuchProcess(pid)
             cmdline = proc.cmdline()
-        except psutil.Error:
+        except psutil.NoSuchProcess:
+            logger.info("removing stale %s (pid %d is no longer running)", pidfile, pid)
+            pidfile.unlink(missing_ok=True)
+            return
+        except psutil.Error:  # alive but not ours to inspect: Postgres decides
             return
         if any(Path(arg).name == "postgres" for arg in cmdline[:1]) and str(self.data_dir) in cmdline:
             raise StackError(

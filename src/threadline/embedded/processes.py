@@ -34,6 +34,7 @@ import psutil
 
 __all__ = [
     "ManagedProcess",
+    "ProcessService",
     "StackError",
     "child_env",
     "has_permitted_capability",
@@ -175,6 +176,7 @@ class ManagedProcess:
         self._popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._log_offset = 0
+        self._stopped = False  # stop() or kill() was called: an exit then is no death to report
 
     @property
     def pid(self) -> int | None:
@@ -183,6 +185,35 @@ class ManagedProcess:
     @property
     def running(self) -> bool:
         return self._popen is not None and self._popen.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code (negative: the signal) once the process has exited on its own, else None.
+
+        Polling reaps it: a dead service must not linger as a zombie whose pid still looks alive
+        (Postgres refuses to start while the pid in its lock file exists).
+        """
+        if self._popen is None or self._stopped:
+            return None
+        return self._popen.poll()
+
+    def clean_up_after_exit(self, timeout: float = 10.0) -> None:
+        """After the leader died on its own: kill what is left of its process group (a killed
+        postmaster's backends hold its shared memory until they exit) and wait for it to go."""
+        popen = self._popen
+        if popen is None or popen.poll() is None:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                os.killpg(popen.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                break
+            if time.monotonic() >= deadline:
+                logger.warning("%s left processes that did not exit within %.0fs", self.name, timeout)
+                break
+            time.sleep(0.05)
+        self._close_log()
 
     def start(self) -> None:
         if self.running:
@@ -210,6 +241,7 @@ class ManagedProcess:
                 close_fds=True,
             )
 
+        self._stopped = False
         try:
             self._popen = _spawner.spawn(make)
         except OSError as exc:
@@ -261,6 +293,7 @@ class ManagedProcess:
         zombie, so its pid — and the group id — cannot have been reused.
         """
         popen = self._popen
+        self._stopped = True
         if popen is None or popen.poll() is not None:
             self._close_log()
             return
@@ -304,6 +337,26 @@ class ManagedProcess:
 
     def __repr__(self) -> str:
         return f"<ManagedProcess {self.name} pid={self.pid} running={self.running}>"
+
+
+class ProcessService:
+    """What every embedded service run as one :class:`ManagedProcess` shares: its pid while it
+    runs, its exit code once it died on its own, and the clean-up after that death."""
+
+    _process: ManagedProcess | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None and self._process.running else None
+
+    @property
+    def exit_code(self) -> int | None:
+        """Set once the service's process died on its own (a crash, ``kill -9``)."""
+        return self._process.exit_code if self._process is not None else None
+
+    def clean_up_after_exit(self) -> None:
+        if self._process is not None:
+            self._process.clean_up_after_exit()
 
 
 def _wait_exited(pid: int, timeout: float) -> bool:

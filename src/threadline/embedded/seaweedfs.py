@@ -25,7 +25,14 @@ from obstore.exceptions import NotFoundError
 from obstore.store import S3Store
 
 from threadline.embedded.ports import ensure_port_free, free_ports
-from threadline.embedded.processes import ManagedProcess, StackError, child_env, http_call, setpriv_prefix
+from threadline.embedded.processes import (
+    ManagedProcess,
+    ProcessService,
+    StackError,
+    child_env,
+    http_call,
+    setpriv_prefix,
+)
 
 __all__ = ["ADMIN_GRPC_OFFSET", "EmbeddedS3", "S3Ports", "find_weed"]
 
@@ -82,7 +89,7 @@ class S3Ports:
         return [*astuple(self), self.admin + ADMIN_GRPC_OFFSET]
 
 
-class EmbeddedS3:
+class EmbeddedS3(ProcessService):
     """A SeaweedFS server under ``root`` with one identity and one bucket."""
 
     name = "s3"
@@ -112,10 +119,6 @@ class EmbeddedS3:
     @property
     def endpoint(self) -> str:
         return f"http://{HOST}:{self.ports.s3}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None and self._process.running else None
 
     def store(self, *, secret_access_key: str | None = None) -> S3Store:
         """An obstore client for the bucket (``secret_access_key`` overrides, to test auth)."""

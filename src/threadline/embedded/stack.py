@@ -95,6 +95,9 @@ class _Credentials:
 class _Service(Protocol):
     @property
     def pid(self) -> int | None: ...
+    @property
+    def exit_code(self) -> int | None: ...
+    def clean_up_after_exit(self) -> None: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def kill(self) -> None: ...
@@ -165,6 +168,28 @@ class EmbeddedStack:
         """Start a stopped service again on the same ports, so clients' endpoints stay valid."""
         service = self._service(name)
         if service.pid is None:
+            service.start()
+
+    def exited_services(self) -> dict[ServiceName, int]:
+        """The services whose process died on its own since it started, with its exit code
+        (negative: killed by that signal). Polling reaps them, so none stays a zombie."""
+        with self._mutex:
+            return {
+                name: code
+                for name, service in self._services.items()
+                if (code := service.exit_code) is not None
+            }
+
+    def restart_service(self, name: ServiceName) -> None:
+        """Start a service that died on its own again, on the same ports, after removing what
+        its death left behind (orphaned children, a stale lock file). Raises StackError."""
+        with self._mutex:
+            if self._endpoints is None:
+                raise StackError("the embedded stack is not running")
+            service = self._service(name)
+            if service.pid is not None:
+                return
+            service.clean_up_after_exit()
             service.start()
 
     def service_pids(self) -> dict[str, int]:

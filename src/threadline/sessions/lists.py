@@ -138,7 +138,7 @@ class SessionLists:
         if client is not None:
             await self._wait_for_replication(min_lsn)
             try:
-                async with asyncio.timeout(QUERY_TIMEOUT_SECONDS):
+                async with asyncio.timeout(self._clickhouse_bound()):
                     result = await from_clickhouse(client)
                 QUERY_SECONDS.labels(kind, "clickhouse").observe(time.perf_counter() - started)
                 return result, "clickhouse"
@@ -159,10 +159,17 @@ class SessionLists:
         if mode == "auto" and not await self._mirror_is_ready():
             return None
         try:
-            return await self.clickhouse()
-        except ClickHouseUnavailable as exc:
+            # A stalled sidecar accepts the connection and never answers: bound the connect too.
+            async with asyncio.timeout(self._clickhouse_bound()):
+                return await self.clickhouse()
+        except (ClickHouseUnavailable, TimeoutError) as exc:
             self._back_off(exc)
             return None
+
+    def _clickhouse_bound(self) -> float:
+        """How long ClickHouse may take before the read falls back to Postgres: within the
+        dependency bound, so a stalled ClickHouse still leaves time for the Postgres answer."""
+        return min(QUERY_TIMEOUT_SECONDS, self._settings.dependency_timeout_seconds)
 
     async def _mirror_is_ready(self) -> bool:
         now = time.monotonic()
