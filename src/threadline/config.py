@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key_id: str = ""
     s3_secret_access_key: SecretStr = SecretStr("")
+    # Object GETs in flight per worker: many readers catching up from cold history would
+    # otherwise open one S3 connection per chunk at once (thousands, kept idle afterwards).
+    s3_max_concurrent_reads: int = Field(default=32, ge=1)
 
     # ClickHouse (HTTP interface) for session lists.
     clickhouse_url: str = "http://default:@127.0.0.1:8123/threadline"

@@ -13,7 +13,7 @@ stalled store (accepting connections, never answering) is a 503 within it too.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TypeVar
 
@@ -75,6 +75,10 @@ class ObjectStore:
             },
         )
 
+        self._reads = asyncio.Semaphore(settings.s3_max_concurrent_reads)
+        # obstore starts a request when its awaitable is created, so reads are made (by the
+        # factories below) only once they hold a slot.
+
     def background(self) -> ObjectStore:
         """The same bucket for background work: no request bound, the client's longer timeouts."""
         return ObjectStore(self._settings)
@@ -82,11 +86,21 @@ class ObjectStore:
     async def _call(self, what: str, call: Awaitable[T]) -> T:
         """``call``'s result within the bound; a store that fails or does not answer in time is
         unavailable. A missing object is an answer (FileNotFoundError / NotFoundError)."""
+        return await self._bounded(what, lambda: call)
+
+    async def _read(self, what: str, make: Callable[[], Awaitable[T]]) -> T:
+        """A GET, started once one of the read slots is free; the wait counts against the bound."""
+
+        async def gated() -> T:
+            async with self._reads:
+                return await make()
+
+        return await self._bounded(what, gated)
+
+    async def _bounded(self, what: str, make: Callable[[], Awaitable[T]]) -> T:
         try:
-            if self._timeout is None:
-                return await call
-            async with asyncio.timeout(self._timeout):
-                return await call
+            async with asyncio.timeout(self._timeout):  # None: no bound (background work)
+                return await make()
         except (FileNotFoundError, NotFoundError):
             raise
         except TimeoutError as exc:
@@ -110,15 +124,15 @@ class ObjectStore:
         await self._call(f"PUT {key}", obstore.put_async(self._store, key, data, mode="create"))
 
     async def get_range(self, key: str, start: int, length: int) -> bytes:
-        data = await self._call(
-            f"GET {key}", obstore.get_range_async(self._store, key, start=start, length=length)
+        data = await self._read(
+            f"GET {key}", lambda: obstore.get_range_async(self._store, key, start=start, length=length)
         )
         return bytes(data)
 
     async def get_ranges(self, key: str, starts: Sequence[int], lengths: Sequence[int]) -> list[bytes]:
-        parts = await self._call(
+        parts = await self._read(
             f"GET {key}",
-            obstore.get_ranges_async(self._store, key, starts=list(starts), lengths=list(lengths)),
+            lambda: obstore.get_ranges_async(self._store, key, starts=list(starts), lengths=list(lengths)),
         )
         return [bytes(part) for part in parts]
 
