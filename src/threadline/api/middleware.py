@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from threadline.api.connection import SERVER_SEND
 from threadline.logs import AccessLog
 
 __all__ = ["ErrorHandler", "RequestEdge"]
@@ -96,6 +97,7 @@ class RequestEdge:
         # The response's status once it started (None before): what error rendering and the
         # metrics need, learned by the one send wrapper every message passes.
         exchange = scope[_EXCHANGE] = _Exchange()
+        scope[SERVER_SEND] = send
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
