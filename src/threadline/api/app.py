@@ -20,7 +20,7 @@ from starlette.types import ASGIApp
 from threadline import __version__
 from threadline.api import health, openapi, realtime, sessions, streams, ui
 from threadline.api.connection import HttpProtocol
-from threadline.api.middleware import RequestEdge
+from threadline.api.middleware import RequestEdge, direct_routes
 from threadline.api.state import AppState
 from threadline.auth.authenticator import Authenticator
 from threadline.config import Settings, sql_dir
@@ -210,14 +210,16 @@ def create_app(settings: Settings) -> Starlette:
                 await lists.close()
             await pool.close()
 
-    routes = [
-        *sessions.routes,
-        *streams.routes,
-        *realtime.routes,
-        *health.routes,
-        *openapi.routes,
-        *ui.routes,
-    ]
+    routes = direct_routes(
+        [
+            *sessions.routes,
+            *streams.routes,
+            *realtime.routes,
+            *health.routes,
+            *openapi.routes,
+            *ui.routes,
+        ]
+    )
     app = _App(
         routes=routes,
         exception_handlers={

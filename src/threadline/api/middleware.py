@@ -11,21 +11,23 @@ an ``Origin``; the access log is written per ``THREADLINE_ACCESS_LOG``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import Counter, Histogram
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from threadline.api.connection import SERVER_SEND
 from threadline.logs import AccessLog
 
-__all__ = ["ErrorHandler", "RequestEdge"]
+__all__ = ["ErrorHandler", "RequestEdge", "direct_routes"]
 
 logger = logging.getLogger("threadline.access")
 
@@ -44,6 +46,7 @@ _SECURITY_HEADERS = (
 )
 
 ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 _EXCHANGE = "threadline.exchange"
@@ -153,3 +156,35 @@ class RequestEdge:
                     "duration_ms": round(elapsed * 1000, 2),
                 },
             )
+
+
+class _DirectEndpoint:
+    """A route's ``request -> response`` function as a plain ASGI app. Starlette wraps each
+    in its own exception-handling layer per request (a closure, a send wrapper), which is
+    :class:`RequestEdge`'s job here."""
+
+    __slots__ = ("endpoint",)
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.endpoint(Request(scope, receive, send))
+        await response(scope, receive, send)
+
+
+def direct_routes(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+    """``routes``, each async function endpoint called directly (see :class:`_DirectEndpoint`);
+    the path, methods and name stay, so matching and ``scope["route"]`` are unchanged."""
+    direct: list[BaseRoute] = []
+    for route in routes:
+        if isinstance(route, Route) and inspect.iscoroutinefunction(route.endpoint):
+            route = Route(
+                route.path,
+                _DirectEndpoint(route.endpoint),
+                methods=list(route.methods or ()),
+                name=route.name,
+                include_in_schema=route.include_in_schema,
+            )
+        direct.append(route)
+    return direct
