@@ -169,7 +169,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         _, key = await tenant(stack.endpoints, "bench-cpu")
         for round_ in range(args.rounds):
             for label, tree in trees:
-                env = {"PYTHONPATH": tree}
+                env = {"PYTHONPATH": tree, **args.server_env}
                 process, url = await start_server(stack.endpoints, **env)
                 try:
                     load = os.getloadavg()[0]
@@ -218,12 +218,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--subscribers", default="100,1000")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        help="KEY=VALUE for the server (bench/harness.py sets THREADLINE_LOG_LEVEL=WARNING; "
+        "THREADLINE_LOG_LEVEL=INFO measures the default access log too)",
+    )
     parser.add_argument("--profile", help="a directory for py-spy collapsed stacks of each window")
     args = parser.parse_args()
     args.trees = [
         (label, str(Path(tree).resolve() / "src"))
         for label, tree in (item.split("=", 1) for item in args.tree or [f"this={REPO}"])
     ]
+    args.server_env = dict(item.split("=", 1) for item in args.env)
     args.subscribers = [int(n) for n in args.subscribers.split(",") if n]
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
