@@ -171,6 +171,12 @@ class Settings(BaseSettings):
     # Logging
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
+    access_log: str = Field(
+        default="sample:100",
+        pattern=r"^(all|errors|off|sample:[1-9][0-9]{0,8})$",
+        description="Which requests get an access-log line: all, errors (status >= 400), "
+        "sample:N (errors and one in N of the rest) or off.",
+    )
 
     # Embedded stack (`threadline dev`)
     data_dir: Path = Path(".threadline")

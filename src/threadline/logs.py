@@ -12,7 +12,51 @@ from typing import Literal
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["AccessLog", "configure_logging"]
+
+
+class AccessLog:
+    """Which requests get an access-log line (``THREADLINE_ACCESS_LOG``).
+
+    A line costs more server CPU than the rest of a small append's bookkeeping (a log record,
+    the structlog chain, JSON rendering, a write), so on a busy instance logging every request
+    is the operator's choice, not the default: ``errors`` logs responses with status >= 400
+    (and requests that failed before answering), ``sample:N`` those and one in N of the rest,
+    ``all`` every request, ``off`` none. Metrics count every request whatever this says."""
+
+    __slots__ = ("_every", "_seen")
+
+    def __init__(self, every: int | None) -> None:
+        self._every = every  # None: errors only; 0: nothing
+        self._seen = 0
+
+    @classmethod
+    def parse(cls, value: str) -> AccessLog:
+        if value == "all":
+            return cls(1)
+        if value == "errors":
+            return cls(None)
+        if value == "off":
+            return cls(0)
+        kind, _, every = value.partition(":")
+        if kind != "sample" or not every.isdigit() or int(every) < 1:
+            raise ValueError(f"access log must be all, errors, off or sample:N, not {value!r}")
+        return cls(int(every))
+
+    def wants(self, status: int) -> bool:
+        """Whether this request, answered with ``status``, is logged."""
+        every = self._every
+        if every == 0:
+            return False
+        if status >= 400 or every == 1:
+            return True
+        if every is None:
+            return False
+        self._seen += 1
+        if self._seen >= every:
+            self._seen = 0
+            return True
+        return False
 
 
 def _drop_color_message(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from itertools import pairwise
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from threadline.streams.live import StreamTail
+from threadline.streams.live import WAKE_SLICE, StreamTail, Waiter
 from threadline.streams.wire import ChunkRef, TailChange
 
 
@@ -27,24 +29,104 @@ def test_a_new_tail_knows_nothing() -> None:
 
 
 def test_an_append_moves_the_tail_remembers_its_chunk_and_wakes_waiters() -> None:
-    tail = StreamTail(1)
-    event = tail.changed
-    assert tail.apply(append(chunk(0, 5))) is True
-    assert tail.next_offset == 5
-    assert list(tail.recent) == [chunk(0, 5)]
-    assert tail.version == 1
-    assert event.is_set()
-    assert tail.changed is not event
-    assert not tail.changed.is_set()
+    async def go() -> None:
+        tail = StreamTail(1)
+        waiting = asyncio.ensure_future(tail.wait_beyond(0, asyncio.get_running_loop().time() + 60))
+        await asyncio.sleep(0)
+        assert len(tail.waiters) == 1
+        assert tail.apply(append(chunk(0, 5))) is True
+        assert tail.next_offset == 5
+        assert list(tail.recent) == [chunk(0, 5)]
+        assert tail.version == 1
+        assert tail.waiters == {}
+        assert await waiting is True
+
+    asyncio.run(go())
 
 
 def test_the_same_change_seen_again_is_old_news() -> None:
-    tail = StreamTail(1)
-    tail.apply(append(chunk(0, 5)))
-    event = tail.changed
-    assert tail.apply(append(chunk(0, 5))) is False
-    assert (tail.next_offset, tail.version, list(tail.recent)) == (5, 1, [chunk(0, 5)])
-    assert not event.is_set()
+    async def go() -> None:
+        tail = StreamTail(1)
+        tail.apply(append(chunk(0, 5)))
+        waiter = Waiter()
+        waiting = asyncio.ensure_future(waiter.wait(tail, asyncio.get_running_loop().time() + 60))
+        await asyncio.sleep(0)
+        assert tail.apply(append(chunk(0, 5))) is False
+        assert (tail.next_offset, tail.version, list(tail.recent)) == (5, 1, [chunk(0, 5)])
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        assert tail.waiters == {}  # a cancelled wait leaves nothing behind
+        waiter.close()
+
+    asyncio.run(go())
+
+
+def test_a_wait_times_out_at_its_deadline_and_leaves_no_future_behind() -> None:
+    async def go() -> None:
+        tail = StreamTail(1)
+        tail.apply(append(chunk(0, 5)))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 0.05
+        assert await tail.wait_beyond(5, deadline) is False
+        assert loop.time() >= deadline - 0.002
+        assert tail.waiters == {}
+        assert await tail.wait_beyond(4, loop.time() + 60) is True  # already beyond: no wait
+
+    asyncio.run(go())
+
+
+def test_one_waiter_keeps_one_timer_across_waits_and_rearms_it_when_it_fires_early() -> None:
+    """A reader woken by commits again and again moves its deadline later each time: its one
+    timer fires at the first deadline, finds a later one, re-arms, and times out only then."""
+
+    async def go() -> None:
+        tail = StreamTail(1)
+        tail.apply(append(chunk(0, 1)))
+        loop = asyncio.get_running_loop()
+        waiter = Waiter()
+        first = loop.time() + 0.2
+        waiting = asyncio.ensure_future(tail.wait_beyond(1, first, waiter))
+        await asyncio.sleep(0)
+        timer = waiter._timer
+        assert timer is not None
+        tail.apply(append(chunk(1, 2)))
+        assert await waiting is True
+        later = loop.time() + 0.5
+        waiting = asyncio.ensure_future(tail.wait_beyond(2, later, waiter))
+        await asyncio.sleep(0)
+        assert waiter._timer is timer  # the same timer, not a new one per wait
+        assert await waiting is False  # woken by the timer, re-armed, then timed out at `later`
+        assert loop.time() >= later - 0.002
+        waiter.close()
+
+    asyncio.run(go())
+
+
+def test_many_waiters_are_woken_in_slices_so_other_work_runs_between() -> None:
+    async def go() -> None:
+        tail = StreamTail(1)
+        tail.apply(append(chunk(0, 1)))
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+
+        async def reader() -> None:
+            await tail.wait_beyond(1, loop.time() + 60)
+            order.append("delivery")
+
+        readers = [asyncio.ensure_future(reader()) for _ in range(WAKE_SLICE * 3)]
+        await asyncio.sleep(0)
+        assert len(tail.waiters) == WAKE_SLICE * 3
+        tail.apply(append(chunk(1, 2)))
+        # Work that becomes ready right after the commit (the writer's next request):
+        loop.call_soon(order.append, "other")
+        await asyncio.gather(*readers)
+        assert order.count("delivery") == WAKE_SLICE * 3
+        assert order.index("other") <= WAKE_SLICE  # not behind all of them
+
+    asyncio.run(go())
 
 
 def test_a_change_behind_the_tail_is_old_news() -> None:

@@ -7,21 +7,20 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Router
+from starlette.types import ASGIApp
 
 from threadline import __version__
 from threadline.api import health, openapi, realtime, sessions, streams, ui
 from threadline.api.connection import HttpProtocol
-from threadline.api.middleware import RequestObservabilityMiddleware, SecurityHeadersMiddleware
+from threadline.api.middleware import RequestEdge, direct_routes
 from threadline.api.state import AppState
 from threadline.auth.authenticator import Authenticator
 from threadline.config import Settings, sql_dir
@@ -37,6 +36,7 @@ from threadline.errors import (
     ServiceUnavailable,
     StorageUnavailable,
 )
+from threadline.logs import AccessLog
 from threadline.replication.consumer import ReplicationConsumer
 from threadline.sessions.activity import SessionActivity
 from threadline.sessions.lists import SessionLists
@@ -121,6 +121,22 @@ async def _unhandled_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(error.body(), status_code=error.status_code)
 
 
+class _App(Starlette):
+    """Starlette, with :class:`RequestEdge` as its whole middleware stack (see api/middleware.py):
+    one layer instead of Starlette's server-error and exception middleware plus ours."""
+
+    access_log: AccessLog
+    cors: dict[str, Any]
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return RequestEdge(
+            self.router,
+            handlers=self.exception_handlers,
+            access_log=self.access_log,
+            cors=self.cors,
+        )
+
+
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -194,8 +210,8 @@ def create_app(settings: Settings) -> Starlette:
                 await lists.close()
             await pool.close()
 
-    router = Router(
-        routes=[
+    routes = direct_routes(
+        [
             *sessions.routes,
             *streams.routes,
             *realtime.routes,
@@ -204,20 +220,8 @@ def create_app(settings: Settings) -> Starlette:
             *ui.routes,
         ]
     )
-    app = Starlette(
-        routes=router.routes,
-        middleware=[
-            Middleware(RequestObservabilityMiddleware, router=router),
-            Middleware(SecurityHeadersMiddleware),
-            Middleware(
-                CORSMiddleware,
-                allow_origins=settings.cors_origins(),
-                allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-                allow_headers=CORS_ALLOW_HEADERS,
-                expose_headers=CORS_EXPOSE_HEADERS,
-                max_age=600,
-            ),
-        ],
+    app = _App(
+        routes=routes,
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,
@@ -227,6 +231,14 @@ def create_app(settings: Settings) -> Starlette:
         },
         lifespan=lifespan,
     )
+    app.access_log = AccessLog.parse(settings.access_log)
+    app.cors = {
+        "allow_origins": settings.cors_origins(),
+        "allow_methods": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        "allow_headers": CORS_ALLOW_HEADERS,
+        "expose_headers": CORS_EXPOSE_HEADERS,
+        "max_age": 600,
+    }
     return app
 
 
@@ -240,8 +252,8 @@ def uvicorn_config(
     """How every entry point (serve, dev, tests) runs the app: our logging, no access log.
 
     uvicorn's access log would print query strings, which may carry ``?token=``; requests are
-    logged by :class:`RequestObservabilityMiddleware` instead. ``app``, a picklable factory, is
-    for worker processes, which each build their own app (see :mod:`threadline.workers`).
+    logged by :class:`RequestEdge` instead (``THREADLINE_ACCESS_LOG``). ``app``, a picklable
+    factory, is for worker processes, which each build their own app (see :mod:`threadline.workers`).
     """
     return uvicorn.Config(
         create_app(settings) if app is None else app,

@@ -18,9 +18,13 @@ import struct
 from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["EXTENSION", "Connection", "HttpProtocol", "connection_of"]
+__all__ = ["EXTENSION", "SERVER_SEND", "Connection", "HttpProtocol", "connection_of"]
 
 EXTENSION = "threadline.connection"
+# The server's own ``send``, put in the scope by the request edge (api/middleware.py) before any
+# wrapper: an SSE response writes its body with it, since every wrapper above looks at the
+# response start only, and a thousand deliveries of one commit should not pay for them.
+SERVER_SEND = "threadline.server_send"
 
 
 class Connection:

@@ -27,7 +27,7 @@ from prometheus_client import Counter
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from threadline.api.connection import Connection, connection_of
+from threadline.api.connection import SERVER_SEND, Connection, connection_of
 from threadline.config import Settings
 
 __all__ = ["DROPPED", "EventStream", "event_stream", "sse_event"]
@@ -159,7 +159,8 @@ class EventStream(StreamingResponse):
         if connection is not None:
             connection.limit_kernel_buffer(self._max_buffered)
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        writer = _Writer(send, connection, self._send_timeout)
+        # The body goes straight to the server (see SERVER_SEND): the wrappers saw the start.
+        writer = _Writer(scope.get(SERVER_SEND, send), connection, self._send_timeout)
         pump: asyncio.Task[object] = asyncio.create_task(self._pump(writer))
         tasks: set[asyncio.Task[object]] = {
             pump,

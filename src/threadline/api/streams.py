@@ -192,13 +192,18 @@ async def post_stream(request: Request) -> Response:
 # --- GET / HEAD ------------------------------------------------------------------------------
 
 
-def _cursor(request: Request) -> str:
-    """Increasing cursors: the current 20 s interval, or past the client's echoed cursor."""
+def _cursor(echoed: int | None) -> str:
+    """Increasing cursors: the current 20 s interval, or past the client's echoed cursor (parsed
+    once per request by :func:`_echoed_cursor`: an SSE response asks for one per event)."""
     current = int(time.time() * 1000) // _CURSOR_INTERVAL_MS
-    echoed = request.query_params.get("cursor")
-    if echoed is not None and echoed.isascii() and echoed.isdigit() and int(echoed) >= current:
-        current = int(echoed) + 1 + secrets.randbelow(3)
+    if echoed is not None and echoed >= current:
+        current = echoed + 1 + secrets.randbelow(3)
     return str(current)
+
+
+def _echoed_cursor(request: Request) -> int | None:
+    echoed = request.query_params.get("cursor")
+    return int(echoed) if echoed is not None and echoed.isascii() and echoed.isdigit() else None
 
 
 def _read_body(head: StreamHead, result: ReadResult) -> bytes:
@@ -260,7 +265,9 @@ def _read_response(
 
 def _long_poll_response(request: Request, head: StreamHead, start: int, result: ReadResult) -> Response:
     if result.records:
-        return _read_response(request, head, start, result, no_store=True, cursor=_cursor(request))
+        return _read_response(
+            request, head, start, result, no_store=True, cursor=_cursor(_echoed_cursor(request))
+        )
     headers = {
         NEXT_OFFSET: format_offset(max(start, result.tail_offset)),
         UP_TO_DATE: "true",
@@ -269,7 +276,7 @@ def _long_poll_response(request: Request, head: StreamHead, start: int, result: 
     if result.closed:
         headers[CLOSED] = "true"
     else:
-        headers[CURSOR] = _cursor(request)
+        headers[CURSOR] = _cursor(_echoed_cursor(request))
     return Response(status_code=204, headers=headers)
 
 
@@ -283,9 +290,10 @@ def _sse(request: Request, head: StreamHead, start: int) -> Response:
     async def events() -> AsyncIterator[bytes]:
         steps = state.streams.follow(head, start, idle_seconds=state.settings.sse_heartbeat_seconds)
         announced = False
+        echoed = _echoed_cursor(request)
         async for step in steps:
             if step.result.records or not announced:
-                cursor = _cursor(request)
+                cursor = _cursor(echoed)
                 # Data and its control event go out in one write: a reader never sees data
                 # without the offset that resumes after it.
                 yield step.frame(f"ds-sse:{int(text)}:{cursor}", partial(_sse_frame, head, text, cursor))

@@ -27,11 +27,75 @@ from threadline.streams.wire import NOTIFY_CHANNEL, ChunkRef, TailChange, decode
 if TYPE_CHECKING:
     from threadline.streams.reader import ReadResult
 
-__all__ = ["FrameKey", "LiveHub", "StreamTail"]
+__all__ = ["FrameKey", "LiveHub", "StreamTail", "Waiter"]
 
 logger = logging.getLogger(__name__)
 
 _RECENT_CHUNKS = 256
+# Waiters woken per event-loop pass when a tail moves. A thousand subscribers woken at once would
+# all deliver in one pass, ahead of the writer's next request; in slices, requests that arrive
+# meanwhile are read between them.
+WAKE_SLICE = 64
+# A waiter's timer may fire this early by the loop's clock (uvloop rounds to milliseconds).
+_TIMER_SLACK = 0.002
+
+
+class Waiter:
+    """How one live reader waits for its tail: a future per wait, and one timer per reader, not
+    per wait. Most waits end with a commit long before their deadline; arming and cancelling a
+    timer for each (``asyncio.timeout``) cost more than the rest of a delivery's bookkeeping.
+    The timer is armed for the earliest deadline asked for and, when it fires, re-armed for the
+    current one if that moved later: with a commit every 50 ms and an idle deadline of 15 s it
+    fires once per 15 s."""
+
+    __slots__ = ("_deadline", "_future", "_loop", "_timer")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._future: asyncio.Future[None] | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def wait(self, tail: StreamTail, deadline: float) -> None:
+        """Until ``tail`` moves, or about ``deadline`` (``loop.time()``); the caller checks which."""
+        future = self._loop.create_future()
+        self._future = future
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._expire)
+        tail.waiters[future] = None
+        try:
+            await future
+        finally:
+            self._future = None
+            tail.waiters.pop(future, None)  # a timeout or cancellation: no future left behind
+
+    def _expire(self) -> None:
+        self._timer = None
+        future = self._future
+        if future is None or future.done():
+            return  # not waiting: the next wait arms a timer again
+        if self._loop.time() >= self._deadline - _TIMER_SLACK:
+            future.set_result(None)
+        else:
+            self._timer = self._loop.call_at(self._deadline, self._expire)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _release(waiters: list[asyncio.Future[None]], start: int) -> None:
+    end = start + WAKE_SLICE
+    for future in waiters[start:end]:
+        if not future.done():
+            future.set_result(None)
+    if end < len(waiters):
+        asyncio.get_running_loop().call_soon(_release, waiters, end)
 
 
 class FrameKey(NamedTuple):
@@ -51,7 +115,8 @@ class StreamTail:
     # Contiguous chunks ending at next_offset (when non-empty), newest last.
     recent: deque[ChunkRef] = field(default_factory=lambda: deque(maxlen=_RECENT_CHUNKS))
     watchers: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Futures of the readers waiting for the next move (see Waiter), oldest first; woken in slices.
+    waiters: dict[asyncio.Future[None], None] = field(default_factory=dict)
     # Bumped on every move; what readers built for one version is void at the next.
     version: int = 0
     # What one live reader read and encoded at this version, for the others at the same place:
@@ -84,8 +149,9 @@ class StreamTail:
         self.version += 1
         self.reads.clear()
         self.frames.clear()
-        event, self.changed = self.changed, asyncio.Event()
-        event.set()
+        if self.waiters:
+            waiters, self.waiters = list(self.waiters), {}
+            _release(waiters, 0)
 
     def chunks_from(self, offset: int) -> list[ChunkRef] | None:
         """The recent chunks covering ``[offset, next_offset)``, or None if they don't reach back."""
@@ -93,19 +159,23 @@ class StreamTail:
             return None
         return [chunk for chunk in self.recent if chunk.end > offset]
 
-    async def wait_beyond(self, offset: int, wait_seconds: float) -> bool:
-        """Wait until the tail passes ``offset`` or the stream closes; False on timeout."""
+    async def wait_beyond(self, offset: int, deadline: float, waiter: Waiter | None = None) -> bool:
+        """Wait until the tail passes ``offset`` or the stream closes; False at ``deadline``
+        (``loop.time()``). A reader that waits again and again passes its own ``waiter``."""
+        if self.next_offset > offset or self.closed:
+            return True
+        own = waiter is None
+        waiter = Waiter() if waiter is None else waiter
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_seconds
-        while self.next_offset <= offset and not self.closed:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            # asyncio.timeout, not wait_for: no task per waiter per wake-up.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self.changed.wait()
-        return True
+        try:
+            while self.next_offset <= offset and not self.closed:
+                if loop.time() >= deadline - _TIMER_SLACK:
+                    return False
+                await waiter.wait(self, deadline)
+            return True
+        finally:
+            if own:
+                waiter.close()
 
 
 def _setter(event: asyncio.Event) -> Any:

@@ -38,7 +38,7 @@ from threadline.streams.heads import (
     load_head_by_id,
     trim_stream,
 )
-from threadline.streams.live import FrameKey, LiveHub, StreamTail
+from threadline.streams.live import FrameKey, LiveHub, StreamTail, Waiter
 from threadline.streams.names import is_json
 from threadline.streams.offsets import Position, read_start
 from threadline.streams.producers import Producer
@@ -254,7 +254,7 @@ class StreamService:
         No records means the wait ran out or the stream is closed at ``start``."""
         async with self._watching(head, "long_poll") as (fresh, tail):
             if start >= tail.next_offset and not tail.closed:
-                await tail.wait_beyond(start, wait_seconds)
+                await tail.wait_beyond(start, asyncio.get_running_loop().time() + wait_seconds)
             if start < tail.next_offset:
                 result = await self._reader.read(fresh, start, tail=tail)
                 LIVE_RECORDS.labels("long_poll").inc(len(result.records))
@@ -278,32 +278,36 @@ class StreamService:
         loop = asyncio.get_running_loop()
         position = start
         delivered = LIVE_RECORDS.labels("sse")
-        async with self._watching(head, "sse") as (fresh, tail):
-            while True:
-                fresh.check_readable(position)
-                version = tail.version
-                result = tail.reads.get(position)
-                if result is None:
-                    result = await self._reader.read(
-                        fresh, position, tail=tail, max_bytes=self._live_read_bytes
-                    )
-                    if tail.version == version and len(tail.reads) < _MAX_SHARED:
-                        tail.reads[position] = result
-                step = FollowStep(position, result, tail, version)
-                if result.records:
-                    delivered.inc(len(result.records))
-                yield step
-                if result.records:
-                    position = result.next_offset
-                if step.finished:
-                    return
-                wait = idle_seconds
-                if deadline is not None:
-                    wait = min(wait, deadline - loop.time())
-                    if wait <= 0:
+        waiter = Waiter()  # one timer for this reader's idle waits, not one per wait
+        try:
+            async with self._watching(head, "sse") as (fresh, tail):
+                while True:
+                    fresh.check_readable(position)
+                    version = tail.version
+                    result = tail.reads.get(position)
+                    if result is None:
+                        result = await self._reader.read(
+                            fresh, position, tail=tail, max_bytes=self._live_read_bytes
+                        )
+                        if tail.version == version and len(tail.reads) < _MAX_SHARED:
+                            tail.reads[position] = result
+                    step = FollowStep(position, result, tail, version)
+                    if result.records:
+                        delivered.inc(len(result.records))
+                    yield step
+                    if result.records:
+                        position = result.next_offset
+                    if step.finished:
                         return
-                if position >= result.tail_offset:
-                    await tail.wait_beyond(position, wait)
+                    wait_until = loop.time() + idle_seconds
+                    if deadline is not None:
+                        if loop.time() >= deadline:
+                            return
+                        wait_until = min(wait_until, deadline)
+                    if position >= result.tail_offset:
+                        await tail.wait_beyond(position, wait_until, waiter)
+        finally:
+            waiter.close()
 
     @contextlib.asynccontextmanager
     async def _watching(
