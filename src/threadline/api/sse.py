@@ -29,6 +29,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from threadline.api.connection import SERVER_SEND, Connection, connection_of
 from threadline.config import Settings
+from threadline.errors import ApiError, DependencyUnavailable
 
 __all__ = ["DROPPED", "EventStream", "event_stream", "sse_event"]
 
@@ -175,9 +176,29 @@ class EventStream(StreamingResponse):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        slow = next((task.exception() for task in done if isinstance(task.exception(), SlowReader)), None)
-        if pump in done and slow is None:
-            pump.result()  # the stream's own error, if any, is the server's to report
+        slow = next(
+            (
+                error
+                for task in done
+                if not task.cancelled() and isinstance(error := task.exception(), SlowReader)
+            ),
+            None,
+        )
+        if pump in done and slow is None and not pump.cancelled():
+            failure = pump.exception()
+            if isinstance(failure, ApiError | DependencyUnavailable):
+                # After the 200 went out (S3 or Postgres down mid-stream, the stream deleted) no
+                # error status can be sent: end the stream; the reader resumes by offset.
+                logger.warning(
+                    "SSE stream ended early",
+                    extra={
+                        "error": failure.code if isinstance(failure, ApiError) else type(failure).__name__,
+                        "detail": str(failure),
+                        "path": scope.get("path"),
+                    },
+                )
+            elif failure is not None:
+                raise failure  # a bug: the server's to report
         if (
             slow is None
             and connection is not None

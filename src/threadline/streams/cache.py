@@ -58,27 +58,34 @@ class ChunkCache:
         return data
 
     async def get_or_load(self, key: ChunkKey, load: Callable[[ChunkKey], Awaitable[bytes]]) -> bytes:
+        """The chunk's bytes, loaded once however many readers ask at the same time.
+
+        The load runs as its own task, not in the first reader's: a reader that leaves (its
+        subscriber disconnected, its request cancelled) neither cancels the others' wait nor
+        wastes the GET, whose bytes still land in the cache."""
         data = self.lookup(key)
         if data is not None:
             return data
-        pending = self._loading.get(key)
-        if pending is not None:
+        loading = self._loading.get(key)
+        if loading is None:
+            self.misses += 1
+            loading = asyncio.ensure_future(self._load(key, load))
+            loading.add_done_callback(_retrieve)
+            self._loading[key] = loading
+        else:
             self.hits += 1
-            return await asyncio.shield(pending)
-        self.misses += 1
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._loading[key] = future
+        return await asyncio.shield(loading)
+
+    async def _load(self, key: ChunkKey, load: Callable[[ChunkKey], Awaitable[bytes]]) -> bytes:
         try:
             data = await load(key)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                future.cancel()
-            else:
-                future.set_exception(exc)
-                future.exception()  # retrieved: no "never retrieved" warning when nobody waited
-            raise
         finally:
             del self._loading[key]
-        future.set_result(data)
         self.put(key, data)
         return data
+
+
+def _retrieve(task: asyncio.Future[bytes]) -> None:
+    """Mark a load's failure as seen: when every reader waiting for it has left, nobody else does."""
+    if not task.cancelled():
+        task.exception()
