@@ -461,6 +461,11 @@ def test_clickhouse_down_lists_answer_from_postgres_and_replication_catches_up_e
                 ids += _churn(client, kind, 10)
                 _assert_lists_answer_without_clickhouse(client, set(ids))
                 _assert_lists_answer_without_clickhouse(client, set(ids))  # backed off now
+                # Still ready (lists come from Postgres): a balancer keeps the instance.
+                readyz = client.get("/readyz")
+                assert readyz.status_code == 200, readyz.text
+                assert readyz.json()["status"] == "degraded"
+                assert readyz.json()["checks"]["clickhouse"]["ok"] is False
         finally:
             if fault == "refused":
                 own_stack.start_service("clickhouse")

@@ -21,6 +21,10 @@ from threadline.workers import METRICS_DIR_ENV
 __all__ = ["routes"]
 
 _CHECK_TIMEOUT_SECONDS = 2.0
+# What an instance cannot serve without. ClickHouse is checked and reported but does not gate:
+# lists fall back to Postgres and appends never touch it, so a ClickHouse outage must not take
+# every instance out of its load balancer ("degraded", still 200).
+_REQUIRED = ("postgres", "s3")
 
 
 async def healthz(request: Request) -> Response:
@@ -98,8 +102,9 @@ async def readyz(request: Request) -> Response:
             "clickhouse": lambda: _check_clickhouse(state),
         }
     )
-    ready = all(result["ok"] for result in checks.values())
-    body: dict[str, Any] = {"status": "ready" if ready else "unavailable", "checks": checks}
+    ready = all(checks[name]["ok"] for name in _REQUIRED)
+    status = "unavailable" if not ready else "ready" if checks["clickhouse"]["ok"] else "degraded"
+    body: dict[str, Any] = {"status": status, "checks": checks}
     if checks["postgres"]["ok"]:
         try:
             async with asyncio.timeout(_CHECK_TIMEOUT_SECONDS):
