@@ -1,9 +1,10 @@
 """The official Durable Streams conformance suite (npm ``@durable-streams/server-conformance-tests``)
 against a live Threadline with auth on.
 
-The bar: every non-reserved test passes (332 of 338). The 6 "Reserved subscription APIs" tests are
-skipped by the suite itself unless a server opts into subscriptions; any other skip fails this test,
-so nothing can go quiet. The suite is installed by `make install` (npm ci in conformance/); the
+The bar: every test passes (338 of 338), the 6 "Reserved subscription APIs" tests included (the
+harness opts in with ``subscriptions: true``); any skip fails this test, so nothing can go quiet.
+The suite's webhook receiver listens on 127.0.0.1, so the server under test allows that host
+(``webhook_allowed_hosts``) and nothing else: its "rejects unsafe webhook URLs" test still holds. The suite is installed by `make install` (npm ci in conformance/); the
 harness (fetch wrapper adding the bearer token, vitest JSON report) is conformance/conformance.test.mjs.
 """
 
@@ -24,18 +25,10 @@ TEST_FILE = "conformance.test.mjs"
 LONG_POLL_SECONDS = 0.5
 SUITE_TIMEOUT_SECONDS = 300
 EXPECTED_TOTAL = 338
-EXPECTED_PASSED = 332
-RESERVED_SKIPPED = frozenset(
-    f"Reserved subscription APIs > {title}"
-    for title in (
-        "creates and idempotently re-confirms a webhook subscription",
-        "rejects unsafe webhook URLs",
-        "webhook synchronous done auto-acks the wake snapshot",
-        "webhook callback acks and fences stale wake generations",
-        "adds and removes explicit subscription streams",
-        "pull-wake claim, ack, and release use subscription-scoped leases",
-    )
-)
+EXPECTED_PASSED = 338
+# Tests the suite may skip: none since subscriptions are implemented (a skip fails the run).
+RESERVED_SKIPPED: frozenset[str] = frozenset()
+WEBHOOK_RECEIVER_HOST = "127.0.0.1"
 MAX_LISTED = 60
 MESSAGE_CHARS = 300
 
@@ -101,7 +94,9 @@ def test_durable_streams_conformance_suite_passes(stack: StackEndpoints, tmp_pat
     npx = _check_installed()
     # A short long-poll timeout, as the suite expects: two offset=now long-polls would otherwise
     # outlast vitest's 5 s per-test timeout.
-    settings = settings_for(stack, long_poll_timeout_seconds=LONG_POLL_SECONDS)
+    settings = settings_for(
+        stack, long_poll_timeout_seconds=LONG_POLL_SECONDS, webhook_allowed_hosts=WEBHOOK_RECEIVER_HOST
+    )
     tenant = make_tenant(settings, "conformance")
     report = tmp_path / "conformance-report.json"
     with ServerThread(settings) as base_url:
@@ -114,7 +109,7 @@ def test_durable_streams_conformance_suite_passes(stack: StackEndpoints, tmp_pat
 
 
 def check_report(results: dict[str, Any]) -> None:
-    """Assert on a vitest JSON report: no failures, 332 passed, only the reserved tests skipped."""
+    """Assert on a vitest JSON report: no failures, every test passed, nothing skipped."""
     passed: list[str] = []
     skipped: list[str] = []
     failed: list[str] = []
