@@ -116,6 +116,14 @@ def fuzz_server(stack: StackEndpoints) -> Iterator[FuzzServer]:
         # The pull-wake subscription example's wake stream (it must exist before a PUT names it).
         created = httpx.put(f"{url}/v1/stream/agents/wake", headers=auth)
         assert created.status_code in (200, 201), created.text
+        # The subscription the examples name, as the PUT example would create it.
+        example = build_openapi()["paths"]["/v1/stream/__ds/subscriptions/{id}"]["put"]["requestBody"]
+        created = httpx.put(
+            f"{url}/v1/stream/__ds/subscriptions/agents",
+            json=example["content"]["application/json"]["example"],
+            headers=auth,
+        )
+        assert created.status_code in (200, 201), created.text
         created = httpx.post(
             f"{url}/api/v1/sessions", json={"type": "chat", "externalId": "conv-42"}, headers=auth
         )

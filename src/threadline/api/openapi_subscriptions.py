@@ -154,60 +154,9 @@ def subscription_paths() -> dict[str, Any]:
     )
     wake_token: list[dict[str, list[str]]] = [{"wakeToken": []}]
     no_content = {"description": "Done"}
+    # The sub-resources come first: a fuzzer working through operations in document order reaches
+    # them while the example subscription exists, before it tries deleting it.
     return {
-        _PREFIX: {
-            "parameters": [id_param],
-            "put": {
-                "tags": _TAG,
-                "operationId": "putSubscription",
-                "summary": "Create a subscription, or re-confirm one with the same configuration",
-                "description": "Over explicit `streams` and/or a glob `pattern` (`*` one segment, `**` any). "
-                "A pattern needs environment-wide `read:sessions`; explicit streams need read on each; a "
-                "pull-wake `wake_stream` must exist and be writable. `session_type` (Threadline) narrows "
-                "a pattern to channels of sessions of that type. Webhook URLs must be allowed by "
-                "`THREADLINE_WEBHOOK_ALLOWED_HOSTS`. Needs `write:subscriptions`.",
-                "requestBody": _body(
-                    SubscriptionSpec,
-                    example={
-                        "type": "pull-wake",
-                        "pattern": "chat/*",
-                        "wake_stream": "agents/wake",
-                        "lease_ttl_ms": 30000,
-                    },
-                ),
-                "responses": {
-                    "200": {**_json_ok("Re-confirmed (same configuration)", subscription), "links": links},
-                    "201": {**_json_ok("Created", subscription), "links": links},
-                    **_errors(
-                        *_BODY,
-                        InvalidStreamName,
-                        WebhookUrlRejected,
-                        StreamNotFound,
-                        SessionNotFound,
-                        SubscriptionExists,
-                        *_SERVICE,
-                    ),
-                },
-            },
-            "get": {
-                "tags": _TAG,
-                "operationId": "getSubscription",
-                "summary": "A subscription, its linked streams and their acked offsets",
-                "responses": {
-                    "200": _json_ok("The subscription", subscription),
-                    **_errors(ValidationFailed, SubscriptionNotFound, *_SERVICE),
-                },
-            },
-            "delete": {
-                "tags": _TAG,
-                "operationId": "deleteSubscription",
-                "summary": "Delete (tombstone): in-flight acks and callbacks fail",
-                "responses": {
-                    "204": no_content,
-                    **_errors(ValidationFailed, SubscriptionNotFound, *_SERVICE),
-                },
-            },
-        },
         _PREFIX + "/streams": {
             "parameters": [id_param],
             "post": {
@@ -300,6 +249,59 @@ def subscription_paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json_ok("Applied", {"$ref": f"{_SCHEMAS}Acked"}),
                     **_errors(*_BODY, InvalidOffset, OffsetOutOfRange, Fenced, *_SERVICE),
+                },
+            },
+        },
+        _PREFIX: {
+            "parameters": [id_param],
+            "put": {
+                "tags": _TAG,
+                "operationId": "putSubscription",
+                "summary": "Create a subscription, or re-confirm one with the same configuration",
+                "description": "Over explicit `streams` and/or a glob `pattern` (`*` one segment, `**` any). "
+                "A pattern needs environment-wide `read:sessions`; explicit streams need read on each; a "
+                "pull-wake `wake_stream` must exist and be writable. `session_type` (Threadline) narrows "
+                "a pattern to channels of sessions of that type. Webhook URLs must be allowed by "
+                "`THREADLINE_WEBHOOK_ALLOWED_HOSTS`. Needs `write:subscriptions`.",
+                "requestBody": _body(
+                    SubscriptionSpec,
+                    example={
+                        "type": "pull-wake",
+                        "pattern": "chat/*",
+                        "wake_stream": "agents/wake",
+                        "lease_ttl_ms": 30000,
+                    },
+                ),
+                "responses": {
+                    "200": {**_json_ok("Re-confirmed (same configuration)", subscription), "links": links},
+                    "201": {**_json_ok("Created", subscription), "links": links},
+                    **_errors(
+                        *_BODY,
+                        InvalidStreamName,
+                        WebhookUrlRejected,
+                        StreamNotFound,
+                        SessionNotFound,
+                        SubscriptionExists,
+                        *_SERVICE,
+                    ),
+                },
+            },
+            "get": {
+                "tags": _TAG,
+                "operationId": "getSubscription",
+                "summary": "A subscription, its linked streams and their acked offsets",
+                "responses": {
+                    "200": _json_ok("The subscription", subscription),
+                    **_errors(ValidationFailed, SubscriptionNotFound, *_SERVICE),
+                },
+            },
+            "delete": {
+                "tags": _TAG,
+                "operationId": "deleteSubscription",
+                "summary": "Delete (tombstone): in-flight acks and callbacks fail",
+                "responses": {
+                    "204": no_content,
+                    **_errors(ValidationFailed, SubscriptionNotFound, *_SERVICE),
                 },
             },
         },

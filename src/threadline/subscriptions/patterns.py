@@ -57,4 +57,9 @@ def matches(pattern: str, path: str) -> bool:
 def literal_prefix(pattern: str) -> str:
     """The pattern's text before its first wildcard: every match starts with it."""
     star = pattern.find("*")
-    return pattern if star < 0 else pattern[:star]
+    if star < 0:
+        return pattern
+    prefix = pattern[:star]
+    if pattern.startswith("**", star) and prefix.endswith("/"):
+        prefix = prefix[:-1]  # "a/**" matches "a" itself
+    return prefix
