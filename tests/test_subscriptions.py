@@ -464,3 +464,18 @@ def test_a_claim_and_its_cursors_survive_a_server_restart(stack: StackEndpoints,
         again = _claim(c, sub, "w2").json()
         assert again["generation"] > claim["generation"]
         assert [(s["acked_offset"], s["tail_offset"]) for s in again["streams"]] == [(offset(2), offset(3))]
+
+
+def test_a_pattern_never_links_its_own_wake_stream(client: httpx.Client) -> None:
+    """Otherwise each wake event would be new work, and waking would never stop."""
+    sub, room = _id(), f"loop-{uuid.uuid4().hex[:6]}"
+    wake = f"{room}/wake"
+    assert client.put(f"/v1/stream/{wake}", headers={"Content-Type": "application/json"}).status_code == 201
+    body = {"type": "pull-wake", "pattern": f"{room}/**", "wake_stream": wake, "lease_ttl_ms": 1000}
+    created = client.put(SUBS + sub, json=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["streams"] == []
+    assert client.put(f"/v1/stream/{room}/data", json=[{"n": 1}]).status_code == 201
+    eventually(lambda: client.get(f"/v1/stream/{wake}", params={"offset": "-1"}).json(), timeout=60)
+    linked = {s["path"] for s in client.get(SUBS + sub).json()["streams"]}
+    assert linked == {f"{room}/data"}

@@ -13,19 +13,29 @@ from threadline.subscriptions.models import StreamCursor, SubscriptionSpec
 
 __all__ = [
     "StreamFacts",
+    "add_first_signing_key",
+    "advance",
     "changed_streams",
     "cursors",
+    "delivered",
     "due_subscriptions",
+    "extend_lease",
     "insert",
+    "lease",
     "link_at",
     "link_at_tail",
     "load",
     "load_pk",
     "pattern_candidates",
     "pattern_subscriptions",
+    "schedule_retry",
+    "signing_keys",
     "subscriptions_linking",
+    "to_idle",
     "tombstone",
     "unlink_explicit",
+    "wake_pull",
+    "wake_webhook",
 ]
 
 _COLUMNS = """pk, environment_id, id, kind, pattern, session_type, webhook_url, wake_stream, lease_ttl_ms,
@@ -189,7 +199,7 @@ async def changed_streams(conn: Conn, stream_ids: Sequence[int]) -> list[StreamF
 
 async def pattern_subscriptions(conn: Conn, environment_ids: Sequence[str]) -> list[asyncpg.Record]:
     return await conn.fetch(
-        """SELECT pk, environment_id, pattern, session_type FROM subscriptions
+        """SELECT pk, environment_id, pattern, session_type, wake_stream FROM subscriptions
            WHERE environment_id = ANY($1::text[]) AND deleted_at IS NULL AND pattern IS NOT NULL""",
         list(environment_ids),
     )
@@ -224,3 +234,125 @@ async def due_subscriptions(conn: Conn, limit: int) -> list[int]:
         limit,
     )
     return [r["pk"] for r in rows]
+
+
+async def delivered(conn: Conn, pk: int, generation: int) -> None:
+    """A webhook took wake ``generation``: its retry schedule starts over."""
+    await conn.execute(
+        """UPDATE subscriptions SET attempts = 0, next_attempt_at = NULL, last_error = NULL
+           WHERE pk = $1 AND generation = $2""",
+        pk,
+        generation,
+    )
+
+
+# --- delivery state transitions (callers hold the row lock) ---------------------------------
+
+_KEY_LOCK = 0x7468_7765_626B  # advisory lock: one instance creates the first signing key
+_LEASE = "now() + make_interval(secs => lease_ttl_ms / 1000.0)"
+
+
+async def lease(conn: Conn, pk: int, generation: int, wake_id: str, token_hash: bytes, holder: str) -> None:
+    """A claim: ``holder`` has generation ``generation`` for ``lease_ttl_ms``."""
+    await conn.execute(
+        f"""UPDATE subscriptions SET phase = 'leased', generation = $2, wake_id = $3, token_hash = $4,
+                  holder = $5, lease_expires_at = {_LEASE}, attempts = 0, next_attempt_at = NULL
+           WHERE pk = $1""",
+        pk,
+        generation,
+        wake_id,
+        token_hash,
+        holder,
+    )
+
+
+async def extend_lease(conn: Conn, pk: int) -> None:
+    await conn.execute(f"UPDATE subscriptions SET lease_expires_at = {_LEASE} WHERE pk = $1", pk)
+
+
+async def advance(conn: Conn, pk: int, path: str, offset: int) -> None:
+    """Move one cursor forward (never back)."""
+    await conn.execute(
+        """UPDATE subscription_streams SET acked_offset = greatest(acked_offset, $3)
+           WHERE subscription_pk = $1 AND path = $2""",
+        pk,
+        path,
+        offset,
+    )
+
+
+async def to_idle(conn: Conn, pk: int, *, reset_retries: bool) -> None:
+    """No wake in flight, no holder, no token: any old token is fenced from here on."""
+    await conn.execute(
+        """UPDATE subscriptions SET phase = 'idle', token_hash = NULL, holder = NULL, lease_expires_at = NULL,
+                  snapshot = NULL,
+                  attempts = CASE WHEN $2 THEN 0 ELSE attempts END,
+                  next_attempt_at = CASE WHEN $2 THEN NULL ELSE next_attempt_at END
+           WHERE pk = $1""",
+        pk,
+        reset_retries,
+    )
+
+
+async def wake_webhook(
+    conn: Conn, pk: int, generation: int, wake_id: str, token_hash: bytes, ttl_seconds: float, snapshot: str
+) -> None:
+    """A webhook wake: the delivery holds the lease from now, with the streams' snapshot."""
+    await conn.execute(
+        """UPDATE subscriptions SET phase = 'leased', generation = $2, wake_id = $3, token_hash = $4,
+                  holder = 'webhook', lease_expires_at = now() + make_interval(secs => $5), snapshot = $6::jsonb
+           WHERE pk = $1""",
+        pk,
+        generation,
+        wake_id,
+        token_hash,
+        ttl_seconds,
+        snapshot,
+    )
+
+
+async def wake_pull(
+    conn: Conn, pk: int, generation: int, wake_id: str, wait_seconds: float, unclaimed: int
+) -> None:
+    """A pull-wake wake: claimable until it is re-issued after ``wait_seconds``."""
+    await conn.execute(
+        """UPDATE subscriptions SET phase = 'woken', generation = $2, wake_id = $3, token_hash = NULL,
+                  holder = NULL, lease_expires_at = now() + make_interval(secs => $4), attempts = $5
+           WHERE pk = $1""",
+        pk,
+        generation,
+        wake_id,
+        wait_seconds,
+        unclaimed,
+    )
+
+
+async def schedule_retry(conn: Conn, pk: int, attempts: int, delay_seconds: float, error: str) -> None:
+    """A failed webhook delivery: drop the lease; the next wake waits ``delay_seconds`` (§7.1)."""
+    await conn.execute(
+        """UPDATE subscriptions SET phase = 'idle', token_hash = NULL, holder = NULL, lease_expires_at = NULL,
+                  snapshot = NULL, attempts = $2, next_attempt_at = now() + make_interval(secs => $3),
+                  last_error = $4
+           WHERE pk = $1""",
+        pk,
+        attempts,
+        delay_seconds,
+        error,
+    )
+
+
+async def signing_keys(conn: Conn) -> list[bytes]:
+    rows = await conn.fetch("SELECT private_key FROM webhook_signing_keys ORDER BY created_at, kid")
+    return [bytes(row["private_key"]) for row in rows]
+
+
+async def add_first_signing_key(conn: Conn, kid: str, private_key: bytes) -> list[bytes]:
+    """Store ``private_key`` unless another instance stored a key first (in a transaction)."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _KEY_LOCK)
+    existing = await signing_keys(conn)
+    if existing:
+        return existing
+    await conn.execute(
+        "INSERT INTO webhook_signing_keys (kid, private_key) VALUES ($1, $2)", kid, private_key
+    )
+    return [private_key]

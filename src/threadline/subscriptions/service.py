@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import httpx
 import orjson
 
 from threadline.auth.principal import Action, Principal
@@ -44,14 +43,14 @@ from threadline.errors import (
     SubscriptionExists,
     SubscriptionNotFound,
     ValidationFailed,
-    WebhookUrlRejected,
 )
 from threadline.sessions.access import stream_access
 from threadline.streams.live import LiveHub
-from threadline.streams.offsets import parse_offset
+from threadline.streams.offsets import format_offset, parse_offset
 from threadline.streams.service import Append, StreamService
 from threadline.streams.wire import TailChange
 from threadline.subscriptions import repository
+from threadline.subscriptions.delivery import DeliveryFailed, WebhookSender
 from threadline.subscriptions.models import (
     AckBody,
     AckItem,
@@ -61,7 +60,7 @@ from threadline.subscriptions.models import (
     Wake,
 )
 from threadline.subscriptions.patterns import literal_prefix, matches
-from threadline.subscriptions.webhooks import SigningKey, WebhookPolicy, retry_delay_seconds, signature_header
+from threadline.subscriptions.webhooks import SigningKey, WebhookPolicy, retry_delay_seconds
 
 __all__ = ["SubscriptionService"]
 
@@ -69,7 +68,6 @@ logger = logging.getLogger(__name__)
 
 _SWEEP_BATCH = 200
 _GATHER_SECONDS = 0.02
-_KEY_LOCK = 0x7468_7765_626B  # advisory lock: one instance creates the first signing key
 
 
 def _hash(token: str) -> bytes:
@@ -124,15 +122,12 @@ class SubscriptionService:
         self._changed_event = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._deliveries: set[asyncio.Task[None]] = set()
-        self._http: httpx.AsyncClient | None = None
+        self._sender: WebhookSender | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        # Redirects are not followed: a redirect could lead anywhere the allow-list forbids.
-        self._http = httpx.AsyncClient(
-            timeout=self._settings.webhook_timeout_seconds, follow_redirects=False, trust_env=False
-        )
+        self._sender = WebhookSender(self.policy, timeout_seconds=self._settings.webhook_timeout_seconds)
         self._live.add_listener(self._on_tail_changes)
         self._tasks = [
             asyncio.create_task(self._process_changes(), name="threadline-subscription-wakes"),
@@ -146,8 +141,8 @@ class SubscriptionService:
         for task in [*self._tasks, *self._deliveries]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._http is not None:
-            await self._http.aclose()
+        if self._sender is not None:
+            await self._sender.close()
 
     # --- signing keys ------------------------------------------------------------------------
 
@@ -155,23 +150,11 @@ class SubscriptionService:
         """The webhook signing keys, newest last; the first instance to need one creates it."""
         if self._keys is None:
             async with self._requests.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(
-                    "SELECT private_key FROM webhook_signing_keys ORDER BY created_at, kid"
-                )
-                if not rows:
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _KEY_LOCK)
-                    rows = await conn.fetch(
-                        "SELECT private_key FROM webhook_signing_keys ORDER BY created_at, kid"
-                    )
-                    if not rows:
-                        key = SigningKey.generate()
-                        await conn.execute(
-                            "INSERT INTO webhook_signing_keys (kid, private_key) VALUES ($1, $2)",
-                            key.kid,
-                            key.private_bytes(),
-                        )
-                        rows = [{"private_key": key.private_bytes()}]
-            self._keys = [SigningKey.from_private_bytes(bytes(row["private_key"])) for row in rows]
+                stored = await repository.signing_keys(conn)
+                if not stored:
+                    key = SigningKey.generate()
+                    stored = await repository.add_first_signing_key(conn, key.kid, key.private_bytes())
+            self._keys = [SigningKey.from_private_bytes(raw) for raw in stored]
         return self._keys
 
     async def jwks(self) -> dict[str, Any]:
@@ -212,7 +195,11 @@ class SubscriptionService:
                         candidates = await repository.pattern_candidates(
                             conn, environment_id, literal_prefix(spec.pattern), spec.session_type
                         )
-                        found = [r["name"] for r in candidates if matches(spec.pattern, r["name"])]
+                        found = [
+                            r["name"]
+                            for r in candidates
+                            if matches(spec.pattern, r["name"]) and r["name"] != spec.wake_stream
+                        ]
                         await repository.link_at_tail(conn, pk, environment_id, found, explicit=False)
                     row = await repository.load(conn, environment_id, subscription_id)
                     assert row is not None
@@ -315,17 +302,7 @@ class SubscriptionService:
             generation = row["generation"] if take_over else row["generation"] + 1
             wake_id = row["wake_id"] if take_over else "w_" + secrets.token_hex(8)
             token = _new_token(row["pk"])
-            await conn.execute(
-                """UPDATE subscriptions SET phase = 'leased', generation = $2, wake_id = $3, token_hash = $4,
-                          holder = $5, lease_expires_at = now() + make_interval(secs => lease_ttl_ms / 1000.0),
-                          attempts = 0, next_attempt_at = NULL
-                   WHERE pk = $1""",
-                row["pk"],
-                generation,
-                wake_id,
-                _hash(token),
-                worker,
-            )
+            await repository.lease(conn, row["pk"], generation, wake_id, _hash(token), worker)
             cursors = await repository.cursors(conn, row["pk"], row["environment_id"])
         return Wake(subscription_id, wake_id, generation, token, cursors, row["lease_ttl_ms"])
 
@@ -387,26 +364,11 @@ class SubscriptionService:
                     raise OffsetOutOfRange(f"ack offset for {item.stream!r} is beyond the stream's tail")
                 if offset > cursor.acked:
                     cursors[item.stream] = StreamCursor(cursor.path, cursor.explicit, offset, cursor.tail)
-                    await conn.execute(
-                        """UPDATE subscription_streams SET acked_offset = greatest(acked_offset, $3)
-                           WHERE subscription_pk = $1 AND path = $2""",
-                        row["pk"],
-                        item.stream,
-                        offset,
-                    )
+                    await repository.advance(conn, row["pk"], item.stream, offset)
             if body.done or release:
-                await conn.execute(
-                    """UPDATE subscriptions SET phase = 'idle', token_hash = NULL, holder = NULL,
-                              lease_expires_at = NULL, snapshot = NULL, attempts = 0, next_attempt_at = NULL
-                       WHERE pk = $1""",
-                    row["pk"],
-                )
+                await repository.to_idle(conn, row["pk"], reset_retries=True)
                 return row["pk"], any(c.pending for c in cursors.values())
-            await conn.execute(
-                """UPDATE subscriptions SET lease_expires_at = now() + make_interval(secs => lease_ttl_ms / 1000.0)
-                   WHERE pk = $1""",
-                row["pk"],
-            )
+            await repository.extend_lease(conn, row["pk"])
             return row["pk"], False
 
     # --- waking ------------------------------------------------------------------------------
@@ -444,6 +406,7 @@ class SubscriptionService:
                 for sub in patterns
                 if sub["environment_id"] == fact.environment_id
                 and matches(sub["pattern"], fact.name)
+                and fact.name != sub["wake_stream"]  # its own wake events are not its work
                 and (sub["session_type"] is None or sub["session_type"] == fact.session_type)
             ]
             if discovered:
@@ -500,43 +463,21 @@ class SubscriptionService:
             cursors = await repository.cursors(conn, pk, row["environment_id"])
             if not any(c.pending for c in cursors):
                 if row["phase"] != "idle":
-                    await conn.execute(
-                        """UPDATE subscriptions SET phase = 'idle', token_hash = NULL, holder = NULL,
-                                  lease_expires_at = NULL, snapshot = NULL WHERE pk = $1""",
-                        pk,
-                    )
+                    await repository.to_idle(conn, pk, reset_retries=False)
                 return None
             generation = row["generation"] + 1
             wake_id = "w_" + secrets.token_hex(8)
             token = _new_token(row["pk"])
             ttl = row["lease_ttl_ms"] / 1000
             if row["kind"] == "webhook":
-                await conn.execute(
-                    """UPDATE subscriptions SET phase = 'leased', generation = $2, wake_id = $3, token_hash = $4,
-                              holder = 'webhook', lease_expires_at = now() + make_interval(secs => $5),
-                              snapshot = $6::jsonb WHERE pk = $1""",
-                    pk,
-                    generation,
-                    wake_id,
-                    _hash(token),
-                    ttl,
-                    orjson.dumps([c.wake_entry() for c in cursors]).decode(),
-                )
+                snapshot = orjson.dumps([c.wake_entry() for c in cursors]).decode()
+                await repository.wake_webhook(conn, pk, generation, wake_id, _hash(token), ttl, snapshot)
             else:
                 # An unclaimed wake is re-issued with backoff, so an abandoned subscription does
                 # not fill its wake stream at the lease rate.
                 unclaimed = row["attempts"] + 1 if row["phase"] == "woken" else 0
                 wait = ttl + (retry_delay_seconds(unclaimed) if unclaimed else 0.0)
-                await conn.execute(
-                    """UPDATE subscriptions SET phase = 'woken', generation = $2, wake_id = $3, token_hash = NULL,
-                              holder = NULL, lease_expires_at = now() + make_interval(secs => $4),
-                              attempts = $5 WHERE pk = $1""",
-                    pk,
-                    generation,
-                    wake_id,
-                    wait,
-                    unclaimed,
-                )
+                await repository.wake_pull(conn, pk, generation, wake_id, wait, unclaimed)
         return _Issued(
             pk=pk,
             environment_id=row["environment_id"],
@@ -579,7 +520,7 @@ class SubscriptionService:
 
     async def _deliver(self, issued: _Issued) -> None:
         assert issued.webhook_url is not None
-        assert self._http is not None
+        assert self._sender is not None
         wake = issued.wake
         payload = {
             "subscription_id": issued.subscription_id,
@@ -589,56 +530,25 @@ class SubscriptionService:
             "callback_url": self._subscription_url(issued, "/callback"),
             "callback_token": wake.token,
         }
-        body = orjson.dumps(payload)
         try:
-            await self.policy.check_delivery(issued.webhook_url)
             key = (await self.signing_keys())[-1]
-            now = int(time.time())
-            response = await self._http.post(
-                issued.webhook_url,
-                content=body,
-                headers={
-                    "Content-Type": "application/json",
-                    "Webhook-Signature": signature_header(key, now, body),
-                },
-            )
-            if not response.is_success:
-                raise _DeliveryFailed(f"webhook answered {response.status_code}")
-            answer = _json_object(response.content)
-        except asyncio.CancelledError:
-            raise
-        except (httpx.HTTPError, _DeliveryFailed, WebhookUrlRejected, OSError) as exc:
-            await self._delivery_failed(issued, str(exc) or type(exc).__name__)
+            done = await self._sender.send(issued.webhook_url, payload, key)
+        except DeliveryFailed as exc:
+            await self._delivery_failed(issued, str(exc))
             return
-        except Exception as exc:
-            logger.warning(
-                "webhook delivery failed", extra={"subscription": issued.subscription_id, "error": repr(exc)}
-            )
-            await self._delivery_failed(issued, repr(exc)[:300])
-            return
-        if answer.get("done") is True:
+        if done:
             # §7.1: a synchronous done acks the snapshot's tails and releases the lease.
-            acks = [
-                AckItem(stream=c.path, offset=c.wake_entry()["tail_offset"])
-                for c in wake.streams
-                if c.pending
-            ]
-            done = AckBody(wake_id=wake.wake_id, generation=wake.generation, acks=acks, done=True)
+            acks = [AckItem(stream=c.path, offset=format_offset(c.tail)) for c in wake.streams if c.pending]
+            body = AckBody(wake_id=wake.wake_id, generation=wake.generation, acks=acks, done=True)
             with contextlib.suppress(Fenced):  # a callback or a new wake got there first
                 pk, next_wake = await self._settle(
-                    issued.subscription_id, wake.token, done, release=False, source=self._background
+                    issued.subscription_id, wake.token, body, release=False, source=self._background
                 )
                 if next_wake:
                     await self._wake(pk)
             return
         async with self._background.acquire() as conn:
-            # Delivered: the retry schedule starts over.
-            await conn.execute(
-                """UPDATE subscriptions SET attempts = 0, next_attempt_at = NULL, last_error = NULL
-                   WHERE pk = $1 AND generation = $2""",
-                issued.pk,
-                wake.generation,
-            )
+            await repository.delivered(conn, issued.pk, wake.generation)
 
     async def _delivery_failed(self, issued: _Issued, error: str) -> None:
         """Persist the retry schedule (§7.1): the lease is dropped and the next wake waits."""
@@ -651,26 +561,6 @@ class SubscriptionService:
             if row is None or row["generation"] != issued.wake.generation or row["phase"] != "leased":
                 return
             attempts = row["attempts"] + 1
-            await conn.execute(
-                """UPDATE subscriptions SET phase = 'idle', token_hash = NULL, holder = NULL, lease_expires_at = NULL,
-                          snapshot = NULL, attempts = $2, next_attempt_at = now() + make_interval(secs => $3),
-                          last_error = $4
-                   WHERE pk = $1""",
-                issued.pk,
-                attempts,
-                retry_delay_seconds(attempts),
-                error[:500],
+            await repository.schedule_retry(
+                conn, issued.pk, attempts, retry_delay_seconds(attempts), error[:500]
             )
-
-
-class _DeliveryFailed(Exception):
-    pass
-
-
-def _json_object(content: bytes) -> dict[str, Any]:
-    """The webhook's answer as an object ({} when it is not one: only {"done": true} means anything)."""
-    try:
-        value = orjson.loads(content) if content.strip() else {}
-    except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
