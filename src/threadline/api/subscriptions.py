@@ -148,18 +148,11 @@ async def claim(request: Request) -> Response:
 
 
 async def ack(request: Request) -> Response:
+    """A pull-wake ack, or a webhook's callback: the same acks under the wake's token (§7.1-7.2)."""
     subscription_id = _id(request)
     token = _bearer(request)
     body = await read_model(request, AckBody)
     next_wake = await app_state(request).subscriptions.ack(subscription_id, token, body)
-    return JSONResponse({"ok": True, "next_wake": next_wake})
-
-
-async def callback(request: Request) -> Response:
-    subscription_id = _id(request)
-    token = _bearer(request)
-    body = await read_model(request, AckBody)
-    next_wake = await app_state(request).subscriptions.callback(subscription_id, token, body)
     return JSONResponse({"ok": True, "next_wake": next_wake})
 
 
@@ -200,5 +193,5 @@ routes = [
     Route(SUBSCRIPTION_PATH + "/claim", claim, methods=["POST"], name="ds_subscription_claim"),
     Route(SUBSCRIPTION_PATH + "/ack", ack, methods=["POST"], name="ds_subscription_ack"),
     Route(SUBSCRIPTION_PATH + "/release", release, methods=["POST"], name="ds_subscription_release"),
-    Route(SUBSCRIPTION_PATH + "/callback", callback, methods=["POST"], name="ds_subscription_callback"),
+    Route(SUBSCRIPTION_PATH + "/callback", ack, methods=["POST"], name="ds_subscription_callback"),
 ]

@@ -320,10 +320,6 @@ class SubscriptionService:
         if next_wake:
             self._schedule_wake(pk)
 
-    async def callback(self, subscription_id: str, token: str, body: AckBody) -> bool:
-        """The webhook handler's asynchronous ack (§7.1): like a pull-wake ack."""
-        return await self.ack(subscription_id, token, body)
-
     async def _settle(
         self,
         subscription_id: str,
