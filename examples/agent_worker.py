@@ -44,6 +44,7 @@ from threadline.client import (
     Producer,
     StreamCursor,
     Threadline,
+    ThreadlineError,
 )
 
 PRODUCER_ID = "agent-worker"
@@ -145,10 +146,19 @@ def main(argv: list[str] | None = None) -> int:
         wakes = client.streams.get(args.wake_stream)
         start = wakes.info().next_offset
         say(f"ready {args.worker}")
-        work(client, pool, args)  # work that was pending before this worker started
+        safely(work, client, pool, args)  # work that was pending before this worker started
         for _wake in wakes.subscribe(start):
-            work(client, pool, args)
+            safely(work, client, pool, args)
     return 0
+
+
+def safely(turn: Any, *args: Any) -> None:
+    """One failed turn (a server error the SDK did not retry) does not end the worker: what it
+    did not ack is handed on when its lease runs out, and the next wake tries again."""
+    try:
+        turn(*args)
+    except ThreadlineError as exc:
+        say(f"error {type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,12 @@ __all__ = [
     "wake_webhook",
 ]
 
+# The lock every delivery decision takes on its subscription row. NO KEY UPDATE, not UPDATE: it
+# excludes the other decisions all the same, but not the KEY SHARE lock a foreign-key check takes,
+# so linking a newly matched stream (an insert into subscription_streams) never waits on an ack
+# that is itself about to update a link: no deadlock between the two.
+_ROW_LOCK = "FOR NO KEY UPDATE"
+
 _COLUMNS = """pk, environment_id, id, kind, pattern, session_type, webhook_url, wake_stream, lease_ttl_ms,
     description, config_hash, base_url, created_at, phase, generation, wake_id, token_hash, holder,
     lease_expires_at, snapshot, attempts, next_attempt_at, last_error,
@@ -50,7 +56,7 @@ async def load(
 ) -> asyncpg.Record | None:
     return await conn.fetchrow(
         f"SELECT {_COLUMNS} FROM subscriptions WHERE environment_id = $1 AND id = $2 AND deleted_at IS NULL"
-        + (" FOR UPDATE" if lock else ""),
+        + (f" {_ROW_LOCK}" if lock else ""),
         environment_id,
         subscription_id,
     )
@@ -59,7 +65,7 @@ async def load(
 async def load_pk(conn: Conn, pk: int) -> asyncpg.Record | None:
     """The live subscription ``pk``, locked."""
     return await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM subscriptions WHERE pk = $1 AND deleted_at IS NULL FOR UPDATE", pk
+        f"SELECT {_COLUMNS} FROM subscriptions WHERE pk = $1 AND deleted_at IS NULL {_ROW_LOCK}", pk
     )
 
 
@@ -127,13 +133,23 @@ async def link_at(conn: Conn, links: Iterable[tuple[int, str, int]]) -> None:
     rows = list(links)
     if not rows:
         return
+    pks, paths, offsets = [row[0] for row in rows], [row[1] for row in rows], [row[2] for row in rows]
+    # Existing links are not touched (DO NOTHING takes no row lock), except the rare explicit link
+    # that the pattern now also matches; an ack may be updating those rows right now.
     await conn.execute(
         """INSERT INTO subscription_streams (subscription_pk, path, glob, acked_offset)
            SELECT u.pk, u.p, true, u.o FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS u(pk, p, o)
-           ON CONFLICT (subscription_pk, path) DO UPDATE SET glob = true""",
-        [row[0] for row in rows],
-        [row[1] for row in rows],
-        [row[2] for row in rows],
+           ON CONFLICT (subscription_pk, path) DO NOTHING""",
+        pks,
+        paths,
+        offsets,
+    )
+    await conn.execute(
+        """UPDATE subscription_streams l SET glob = true
+           FROM unnest($1::bigint[], $2::text[]) AS u(pk, p)
+           WHERE l.subscription_pk = u.pk AND l.path = u.p AND NOT l.glob""",
+        pks,
+        paths,
     )
 
 
