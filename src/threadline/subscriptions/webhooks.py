@@ -40,6 +40,7 @@ RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
 RETRY_JITTER = 0.2
 _RNG = random.Random()
+_RESOLVE_SECONDS = 5.0
 
 
 def retry_delay_seconds(attempt: int, *, rng: random.Random | None = None) -> float:
@@ -153,9 +154,10 @@ class WebhookPolicy:
             return
         port = urlsplit(url).port or 443
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise WebhookUrlRejected(f"webhook host {host!r} does not resolve: {exc}") from None
+            async with asyncio.timeout(_RESOLVE_SECONDS):  # a stalled resolver is a refusal, not a hang
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError) as exc:
+            raise WebhookUrlRejected(f"webhook host {host!r} does not resolve: {exc!r}") from None
         for info in infos:
             try:
                 address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
