@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -54,8 +55,15 @@ def offset_position(offset: str) -> int:
     return int(offset.rsplit("_", 1)[1])
 
 
+_OUTPUT = threading.Lock()
+
+
 def say(line: str) -> None:
-    print(line, flush=True)
+    """One whole line at a time: channels are answered from several threads, and two prints
+    racing would interleave their text and newlines."""
+    with _OUTPUT:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 def setup(client: Threadline, args: argparse.Namespace) -> None:
