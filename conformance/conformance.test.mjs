@@ -16,4 +16,8 @@ if (token) {
 runConformanceTests({
   baseUrl: process.env.CONFORMANCE_TEST_URL,
   longPollTimeoutMs: Number(process.env.CONFORMANCE_LONG_POLL_MS ?? 500),
+  // The reserved subscription APIs (protocol §6-7): Threadline implements them. The suite's
+  // webhook receiver listens on 127.0.0.1, which the server under test must allow
+  // (THREADLINE_WEBHOOK_ALLOWED_HOSTS=127.0.0.1, as tests/test_conformance.py sets).
+  subscriptions: true,
 });

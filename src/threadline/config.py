@@ -168,6 +168,31 @@ class Settings(BaseSettings):
         default=60.0, ge=0, description="Only batch objects at least this old are compacted (tails stay put)."
     )
 
+    # Durable Streams subscriptions (docs/subscriptions.md)
+    webhook_allowed_hosts: str = Field(
+        default="",
+        description=(
+            "Hosts subscription webhooks may call, comma-separated: exact names or IPs, *.example.com, "
+            "or * for any public host. Wildcards admit public https hosts only; private, loopback and "
+            "link-local addresses, and plain http, need the host listed exactly. Empty: no webhooks."
+        ),
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=120,
+        description="How long one webhook delivery may take before it counts as failed.",
+    )
+    subscription_sweep_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description=(
+            "How often each instance looks for expired leases, due webhook retries and wakes a crash "
+            "or a lost notification left undone (appends wake subscriptions at once; this is the backstop)."
+        ),
+    )
+
     # Logging
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"

@@ -19,7 +19,8 @@ StreamClosed``), never by comparing code strings, and a client's ``code`` is def
     │   │   ├── InvalidForkOffset           invalid_fork_offset
     │   │   ├── InvalidTimeout              invalid_timeout
     │   │   ├── EmptyAppend                 empty_append
-    │   │   └── ProducerEpochSeq            producer_epoch_seq
+    │   │   ├── ProducerEpochSeq            producer_epoch_seq
+    │   │   └── WebhookUrlRejected          WEBHOOK_URL_REJECTED (the protocol's code)
     │   ├── Unauthorized                401 unauthorized
     │   ├── Forbidden                   403 forbidden
     │   │   └── ProducerFenced              producer_fenced
@@ -28,7 +29,8 @@ StreamClosed``), never by comparing code strings, and a client's ``code`` is def
     │   │   ├── SessionNotFound             session_not_found
     │   │   ├── StreamNotFound              stream_not_found
     │   │   ├── ChannelNotFound             channel_not_found
-    │   │   └── ForkSourceNotFound          fork_source_not_found
+    │   │   ├── ForkSourceNotFound          fork_source_not_found
+    │   │   └── SubscriptionNotFound        subscription_not_found
     │   ├── MethodNotAllowed            405 method_not_allowed
     │   ├── Conflict                    409 conflict
     │   │   ├── SessionClosed               session_closed
@@ -41,7 +43,10 @@ StreamClosed``), never by comparing code strings, and a client's ``code`` is def
     │   │   ├── StreamSeqConflict           stream_seq_conflict
     │   │   ├── ContentTypeMismatch         content_type_mismatch
     │   │   ├── ProducerSeqGap              producer_seq_gap
-    │   │   └── ForkSourceDeleted           fork_source_deleted
+    │   │   ├── ForkSourceDeleted           fork_source_deleted
+    │   │   ├── SubscriptionExists          subscription_exists
+    │   │   ├── Fenced                      FENCED (the protocol's code)
+    │   │   └── AlreadyClaimed              ALREADY_CLAIMED (+ current_holder, generation)
     │   ├── Gone                        410 gone
     │   │   ├── StreamGone                  stream_gone
     │   │   └── OffsetTrimmed               offset_trimmed
@@ -70,6 +75,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "AlreadyClaimed",
     "ApiError",
     "BatchTooLarge",
     "ChannelNotFound",
@@ -81,6 +87,7 @@ __all__ = [
     "EmptyAppend",
     "EngineError",
     "ExternalIdConflict",
+    "Fenced",
     "Forbidden",
     "ForkSourceDeleted",
     "ForkSourceNotFound",
@@ -118,10 +125,13 @@ __all__ = [
     "StreamGone",
     "StreamNotFound",
     "StreamSeqConflict",
+    "SubscriptionExists",
+    "SubscriptionNotFound",
     "ThreadlineError",
     "Unauthorized",
     "UnknownParameter",
     "ValidationFailed",
+    "WebhookUrlRejected",
     "api_error_classes",
 ]
 
@@ -196,6 +206,13 @@ class ProducerEpochSeq(ValidationFailed):
     code = "producer_epoch_seq"
 
 
+class WebhookUrlRejected(ValidationFailed):
+    """A webhook URL the server will not call (SSRF guard, allow-list): the Durable Streams
+    protocol names this code, so it is spelled as the protocol spells it."""
+
+    code = "WEBHOOK_URL_REJECTED"
+
+
 # --- 401 / 403 ---------------------------------------------------------------------------------
 
 
@@ -243,6 +260,10 @@ class ChannelNotFound(NotFound):
 
 class ForkSourceNotFound(NotFound):
     code = "fork_source_not_found"
+
+
+class SubscriptionNotFound(NotFound):
+    code = "subscription_not_found"
 
 
 class MethodNotAllowed(ApiError):
@@ -300,6 +321,41 @@ class ProducerSeqGap(Conflict):
 
 class ForkSourceDeleted(Conflict):
     code = "fork_source_deleted"
+
+
+class SubscriptionExists(Conflict):
+    """A PUT of a subscription id that exists with a different configuration (protocol §6.2)."""
+
+    code = "subscription_exists"
+
+
+class Fenced(Conflict):
+    """An ack, release or callback for a wake that is no longer current: a newer generation, a
+    different wake, a wrong token or a lease already handed on (protocol §7.3)."""
+
+    code = "FENCED"
+
+
+class AlreadyClaimed(Conflict):
+    """Another worker holds the subscription's lease (protocol §7.2). The protocol puts
+    ``current_holder`` and ``generation`` beside the code; ``details`` carries them too, so
+    clients that read only ``details`` (the SDK) see them."""
+
+    code = "ALREADY_CLAIMED"
+
+    def __init__(
+        self, message: str, *, current_holder: str | None = None, generation: int | None = None, **kwargs: Any
+    ) -> None:
+        details = kwargs.pop("details", None) or {}
+        self.current_holder = current_holder if current_holder is not None else details.get("current_holder")
+        self.generation = generation if generation is not None else details.get("generation")
+        details = {"current_holder": self.current_holder, "generation": self.generation}
+        super().__init__(message, details=details, **kwargs)
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["error"].update(current_holder=self.current_holder, generation=self.generation)
+        return body
 
 
 # --- 410 / 413 ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
 from threadline import __version__
-from threadline.api import health, openapi, realtime, sessions, streams, ui
+from threadline.api import health, openapi, realtime, sessions, streams, subscriptions, ui
 from threadline.api.connection import HttpProtocol
 from threadline.api.middleware import RequestEdge, direct_routes
 from threadline.api.state import AppState
@@ -43,6 +43,7 @@ from threadline.sessions.lists import SessionLists
 from threadline.storage.clickhouse import ClickHouseUnavailable, apply_clickhouse_schema, connect_clickhouse
 from threadline.storage.objects import ObjectStore, ObjectStoreUnavailable
 from threadline.streams.engine import StreamEngine
+from threadline.subscriptions.service import SubscriptionService
 
 __all__ = ["create_app", "uvicorn_config"]
 
@@ -167,6 +168,7 @@ def create_app(settings: Settings) -> Starlette:
             objects = ObjectStore(settings, timeout=settings.dependency_timeout_seconds)
             activity = SessionActivity(pool)
             engine = StreamEngine(settings, pool, requests, objects, activity)
+            subscription_service = SubscriptionService(settings, requests, pool, engine.service, engine.live)
             app.state.threadline = AppState(
                 settings=settings,
                 pool=requests,
@@ -178,6 +180,7 @@ def create_app(settings: Settings) -> Starlette:
                 objects=objects,
                 streams=engine.service,
                 lists=lists,
+                subscriptions=subscription_service,
             )
             replication: asyncio.Task[None] | None = None
             if settings.replication_enabled:
@@ -191,10 +194,12 @@ def create_app(settings: Settings) -> Starlette:
                 replication = asyncio.create_task(consumer.run(), name="threadline-replication")
             activity_task = asyncio.create_task(activity.run(), name="threadline-activity")
             await engine.start()
+            await subscription_service.start()
             logger.info("threadline started", extra={"version": __version__})
             try:
                 yield
             finally:
+                await subscription_service.stop()
                 await engine.stop()
                 # After the appends drained: their last activity is written.
                 activity_task.cancel()
@@ -213,6 +218,8 @@ def create_app(settings: Settings) -> Starlette:
     routes = direct_routes(
         [
             *sessions.routes,
+            # Before the stream routes: /v1/stream/__ds/… is the protocol's control namespace.
+            *subscriptions.routes,
             *streams.routes,
             *realtime.routes,
             *health.routes,

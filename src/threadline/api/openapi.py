@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from threadline import __version__
 from threadline.api.bodies import TrimBody
+from threadline.api.openapi_subscriptions import WAKE_TOKEN_SCHEME, subscription_paths, subscription_schemas
 from threadline.errors import (
     ApiError,
     BatchTooLarge,
@@ -483,6 +484,7 @@ def _schemas() -> dict[str, Any]:
             "Error": _error_schema(sorted({cls.code for cls in api_error_classes()})),
         }
     )
+    schemas.update(subscription_schemas())
     return schemas
 
 
@@ -1142,6 +1144,10 @@ def build_openapi() -> dict[str, Any]:
             },
             {"name": "Realtime", "description": "A session's `out` and `in` channels, shaped for browsers."},
             {"name": "Durable Streams", "description": "The Durable Streams protocol, plus trim."},
+            {
+                "name": "Subscriptions",
+                "description": "Durable Streams subscriptions (§6-7): wake workers by webhook or pull-wake.",
+            },
             {"name": "Operations", "description": "Health, metrics, these docs and the session browser."},
         ],
         "components": {
@@ -1152,10 +1158,17 @@ def build_openapi() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "A secret API key (tl_sk_…) or an HS256 JWT signed with the environment's secret.",
-                }
+                },
+                "wakeToken": WAKE_TOKEN_SCHEME,
             },
         },
-        "paths": {**_sessions_paths(), **_realtime_paths(), **_stream_paths(), **_operations_paths()},
+        "paths": {
+            **_sessions_paths(),
+            **_realtime_paths(),
+            **subscription_paths(),
+            **_stream_paths(),
+            **_operations_paths(),
+        },
     }
 
 

@@ -17,6 +17,7 @@ from threadline.replication.consumer import ReplicationConsumer
 from threadline.sessions.lists import SessionLists
 from threadline.storage.objects import ObjectStore
 from threadline.streams.service import StreamService
+from threadline.subscriptions.service import SubscriptionService
 
 __all__ = ["AppState", "app_state"]
 
@@ -29,6 +30,7 @@ class AppState:
     objects: ObjectStore
     streams: StreamService
     lists: SessionLists
+    subscriptions: SubscriptionService
     replication: ReplicationConsumer | None = None  # this instance's consumer (leader or standby)
 
 

@@ -10,6 +10,9 @@ Scopes (SPEC §2)::
     admin:sessions:<id>         read, write and mint tokens for one session
     write:sessions:<id>         patch / close / append on one session
     read:sessions:<id>          get / subscribe on one session
+    write:subscriptions         create / delete Durable Streams subscriptions, change their
+                                streams, claim their work (plus read on every stream matched)
+    read:subscriptions          get a subscription (its streams and cursors)
 
 ``<id>`` is a friendly id (``session_…``) or an external id. Write does not imply read: a token
 that should also read asks for both scopes (minted session tokens carry both). Secret API keys
@@ -83,6 +86,13 @@ class Principal:
     def may_on_all_sessions(self, action: Action) -> bool:
         """Environment-wide grant: needed to create, list and count."""
         return self._environment_wide(action)
+
+    def may_on_subscriptions(self, action: Action) -> bool:
+        """Subscriptions are environment resources: ``<verb>:subscriptions``, or ``admin``
+        (``read:all`` reads them too)."""
+        if "admin" in self.scopes or (action is Action.READ and "read:all" in self.scopes):
+            return True
+        return any(f"{verb}:subscriptions" in self.scopes for verb in _GRANTS[action])
 
     def may_on_session(self, action: Action, session: SessionRef) -> bool:
         if self._environment_wide(action):

@@ -28,14 +28,28 @@ from threadline.client._models import (
     SessionToken,
     StreamInfo,
 )
-from threadline.client._requests import SessionFilters
+from threadline.client._requests import Producer, SessionFilters
 from threadline.client._sessions import AsyncSessions, Sessions
+from threadline.client._subscriptions import (
+    AsyncClaim,
+    AsyncSubscriptions,
+    Claim,
+    StreamCursor,
+    Subscription,
+    Subscriptions,
+)
 from threadline.client._writer import AsyncWriter, Writer, WriterState
 from threadline.errors import *  # noqa: F403  (every API error class, as raised by the client)
 from threadline.errors import __all__ as _api_errors
 
 __all__ = [
     "AppendResult",
+    "AsyncClaim",
+    "AsyncSubscriptions",
+    "Claim",
+    "StreamCursor",
+    "Subscription",
+    "Subscriptions",
     "AsyncChannel",
     "AsyncSessions",
     "AsyncStreams",
@@ -47,6 +61,7 @@ __all__ = [
     "ClientClosed",
     "ClientError",
     "ConnectionFailed",
+    "Producer",
     "ReadResult",
     "Record",
     "RequestTimedOut",

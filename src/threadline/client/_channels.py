@@ -79,10 +79,12 @@ class Channel(ChannelBase):
     def of_session(cls, transport: SyncTransport, session: str, io: str) -> Channel:
         return cls(transport, **_session_channel(session, io))
 
-    def append(self, value: Any) -> AppendResult:
-        """Append one record, or a list of records atomically."""
+    def append(self, value: Any, *, producer: Producer | None = None) -> AppendResult:
+        """Append one record, or a list of records atomically. With ``producer`` (id, epoch,
+        seq) the append is idempotent: the same seq sent again is acknowledged, not stored twice
+        (how a worker that takes over a crashed one's turn writes each reply once)."""
         body, records = self._encode(value)
-        return rq.append_result(self._t.send(self._append_request(body, None)), records)
+        return rq.append_result(self._t.send(self._append_request(body, producer)), records)
 
     def writer(self, **options: Any) -> Writer:
         """A batching idempotent producer (see :class:`Writer` for the options)."""
@@ -157,10 +159,10 @@ class AsyncChannel(ChannelBase):
     def of_session(cls, transport: AsyncTransport, session: str, io: str) -> AsyncChannel:
         return cls(transport, **_session_channel(session, io))
 
-    async def append(self, value: Any) -> AppendResult:
-        """Append one record, or a list of records atomically."""
+    async def append(self, value: Any, *, producer: Producer | None = None) -> AppendResult:
+        """Append one record, or a list of records atomically (idempotently with ``producer``)."""
         body, records = self._encode(value)
-        return rq.append_result(await self._t.send(self._append_request(body, None)), records)
+        return rq.append_result(await self._t.send(self._append_request(body, producer)), records)
 
     def writer(self, **options: Any) -> AsyncWriter:
         """A batching idempotent producer (see :class:`AsyncWriter` for the options)."""

@@ -21,6 +21,7 @@ from threadline.client._config import (
 )
 from threadline.client._models import Io
 from threadline.client._sessions import AsyncSessions, Sessions
+from threadline.client._subscriptions import AsyncSubscriptions, Subscriptions
 from threadline.client._transport import AsyncTransport, SyncTransport
 
 __all__ = ["AsyncThreadline", "Threadline"]
@@ -61,6 +62,7 @@ class Threadline:
         )
         self.sessions = Sessions(self._transport)
         self.streams = Streams(self._transport)
+        self.subscriptions = Subscriptions(self._transport)
 
     @property
     def base_url(self) -> str:
@@ -104,6 +106,7 @@ class AsyncThreadline:
         )
         self.sessions = AsyncSessions(self._transport)
         self.streams = AsyncStreams(self._transport)
+        self.subscriptions = AsyncSubscriptions(self._transport)
 
     @property
     def base_url(self) -> str:

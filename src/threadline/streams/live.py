@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -191,7 +191,18 @@ class LiveHub:
         self._tails: dict[int, StreamTail] = {}
         self._committing: set[str] = set()
         self._connected = asyncio.Event()
+        self._listeners: list[Callable[[Sequence[TailChange]], None]] = []
         self.notifications = 0
+
+    def add_listener(self, listener: Callable[[Sequence[TailChange]], None]) -> None:
+        """Call ``listener`` with every tail change this instance learns of (its own commits, and
+        other instances' through NOTIFY and the resync), watched or not: how subscriptions wake
+        without polling. It runs on the event loop and must only note the change and return."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[Sequence[TailChange]], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
 
     @property
     def watched(self) -> int:
@@ -212,6 +223,8 @@ class LiveHub:
                 del self._tails[stream_id]
 
     def on_commit(self, changes: Sequence[TailChange]) -> None:
+        for listener in self._listeners:
+            listener(changes)
         for change in changes:
             tail = self._tails.get(change.stream_id)
             if tail is not None:

@@ -24,6 +24,8 @@ __all__ = [
 ]
 
 SESSION_PREFIX = "sessions/"
+# The Durable Streams protocol's control namespace (subscriptions, JWKS): never an application stream.
+RESERVED_PREFIX = "__ds"
 # Chat records (tokens, tool calls, user messages) are JSON values; JSON mode gives clients
 # message boundaries and whole-array reads.
 SESSION_CHANNEL_CONTENT_TYPE = "application/json"
@@ -38,6 +40,10 @@ _SEGMENT = re.compile(r"[A-Za-z0-9._~:@!$&'()*+,;=-]+")  # whole segment (fullma
 def validate_name(name: str) -> str:
     if not name or len(name) > MAX_NAME_LENGTH:
         raise InvalidStreamName(f"stream name must be 1-{MAX_NAME_LENGTH} characters")
+    if name == RESERVED_PREFIX or name.startswith(RESERVED_PREFIX + "/"):
+        raise InvalidStreamName(
+            "stream names starting with __ds/ are reserved for Durable Streams control APIs"
+        )
     for segment in name.split("/"):
         if segment in ("", ".", "..") or not _SEGMENT.fullmatch(segment):
             raise InvalidStreamName(
