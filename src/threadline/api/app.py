@@ -116,6 +116,14 @@ async def _dependency_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
 
+async def _rolled_back(request: Request, exc: Exception) -> Response:
+    """Postgres rolled the transaction back (deadlock, serialization failure): nothing was
+    written and the same request can simply be sent again, so 503 with Retry-After, not a 500."""
+    error = ServiceUnavailable("a concurrent transaction conflicted with this one; retry")
+    logger.warning("transaction rolled back", extra={"path": request.url.path, "error": repr(exc)[:300]})
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+
+
 async def _unhandled_error(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error", extra={"path": request.url.path})
     error = InternalError("internal server error")
@@ -234,6 +242,7 @@ def create_app(settings: Settings) -> Starlette:
             HTTPException: _http_error,
             DependencyUnavailable: _dependency_error,
             **dict.fromkeys(POSTGRES_UNAVAILABLE, _dependency_error),
+            asyncpg.TransactionRollbackError: _rolled_back,  # class 40
             Exception: _unhandled_error,
         },
         lifespan=lifespan,
