@@ -125,7 +125,8 @@ def test_s3_down_is_503_for_appends_and_reads_and_nothing_is_half_written(
         read = client.get(name, params={"offset": "-1"})
         assert read.status_code == 200, read.text
         assert read.content == b"before"  # the refused append left nothing visible
-        assert client.post(name, content=b"after", headers={"Content-Type": "text/plain"}).status_code == 204
+        after = client.post(name, content=b"after", headers={"Content-Type": "text/plain"})
+        assert after.status_code == 204, after.text
         assert client.get(name, params={"offset": "-1"}).content == b"beforeafter"
 
 
