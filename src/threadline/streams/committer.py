@@ -33,13 +33,14 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import asyncpg
 from prometheus_client import Counter, Histogram
 
-from threadline.db import POSTGRES_UNAVAILABLE, discarding_on_failure
+from threadline.db import POSTGRES_UNAVAILABLE, Conn, discarding_on_failure
 from threadline.errors import (
     ApiError,
     DatabaseUnavailable,
@@ -523,33 +524,18 @@ class GroupCommitter:
         neither is known within the outcome wait. The backend is asked about first, the row
         after, in separate statements: a row committed just before the backend exited is then
         always seen."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._outcome_wait
-        last_error: BaseException | None = None
-        while (remaining := deadline - loop.time()) > 0:
-            try:
-                async with discarding_on_failure(self._pool, acquire_timeout=remaining) as conn:
-                    bound = max(deadline - loop.time(), 0.01)
-                    running = await conn.fetchval(
-                        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
-                        backend,
-                        timeout=bound,
-                    )
-                    stored = await conn.fetchval(
-                        "SELECT EXISTS (SELECT 1 FROM stream_objects WHERE key = $1)", key, timeout=bound
-                    )
-                if stored:
-                    return True
-                if not running:
-                    return False
-            except POSTGRES_UNAVAILABLE as exc:
-                last_error = exc
-            await asyncio.sleep(min(_OUTCOME_POLL_SECONDS, max(deadline - loop.time(), 0)))
-        logger.warning(
-            "could not learn a guarded flush's outcome",
-            extra={"key": key, "error": repr(last_error) if last_error else "still in progress"},
-        )
-        return None
+
+        async def ask(conn: Conn, bound: float) -> bool | None:
+            running = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)", backend, timeout=bound
+            )
+            if await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM stream_objects WHERE key = $1)", key, timeout=bound
+            ):
+                return True
+            return None if running else False
+
+        return await self._learn_outcome(ask, {"key": key, "backend": str(backend)})
 
     async def _commit_or_learn_outcome(self, conn: Any, xid: str | None) -> None:
         """COMMIT, and when its reply is lost (timeout, connection dropped) ask Postgres how the
@@ -576,30 +562,36 @@ class GroupCommitter:
             logger.info("group commit confirmed after its reply was lost", extra={"xid": xid})
 
     async def _transaction_committed(self, xid: str) -> bool | None:
-        """How transaction ``xid`` ended, asked on another connection until the outcome wait runs
-        out: True committed, False aborted, None unknown (Postgres unreachable, or still
-        committing)."""
+        """How transaction ``xid`` ended: True committed, False aborted, None unknown (Postgres
+        unreachable, or still committing)."""
+
+        async def ask(conn: Conn, bound: float) -> bool | None:
+            status = await conn.fetchval("SELECT pg_xact_status($1::text::xid8)", xid, timeout=bound)
+            return {"committed": True, "aborted": False}.get(status)
+
+        return await self._learn_outcome(ask, {"xid": xid})
+
+    async def _learn_outcome(
+        self, ask: Callable[[Conn, float], Awaitable[bool | None]], context: dict[str, str]
+    ) -> bool | None:
+        """Ask Postgres, on other connections, how a commit whose reply was lost ended, until it
+        says or the outcome wait runs out (then None: unknown)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._outcome_wait
         last_error: BaseException | None = None
         while (remaining := deadline - loop.time()) > 0:
+            answer: bool | None = None
             try:
                 async with discarding_on_failure(self._pool, acquire_timeout=remaining) as conn:
-                    status = await conn.fetchval(
-                        "SELECT pg_xact_status($1::text::xid8)",
-                        xid,
-                        timeout=max(deadline - loop.time(), 0.01),
-                    )
+                    answer = await ask(conn, max(deadline - loop.time(), 0.01))
             except POSTGRES_UNAVAILABLE as exc:
-                status, last_error = None, exc
-            if status == "committed":
-                return True
-            if status == "aborted":
-                return False
+                last_error = exc
+            if answer is not None:
+                return answer
             await asyncio.sleep(min(_OUTCOME_POLL_SECONDS, max(deadline - loop.time(), 0)))
         logger.warning(
-            "could not learn a transaction's outcome",
-            extra={"xid": xid, "error": repr(last_error) if last_error else "still in progress"},
+            "could not learn a commit's outcome",
+            extra={**context, "error": repr(last_error) if last_error else "still in progress"},
         )
         return None
 
