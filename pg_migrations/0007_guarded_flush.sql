@@ -87,19 +87,19 @@ LANGUAGE plpgsql AS $$
 DECLARE
     matched integer;
 BEGIN
-    SELECT count(*) INTO matched FROM (
-        SELECT s.id FROM streams s
-        JOIN unnest(expected_ids, expected_next_offsets, expected_stream_seqs)
-             AS e (id, next_offset, stream_seq) ON s.id = e.id
-        WHERE s.next_offset = e.next_offset
-          AND s.last_stream_seq IS NOT DISTINCT FROM e.stream_seq
-          AND s.closed_at IS NULL
-          AND s.deleted_at IS NULL
-          AND (s.expires_at IS NULL OR s.expires_at > now())
-          AND NOT EXISTS (SELECT 1 FROM sessions ss WHERE ss.id = s.session_id AND ss.expires_at <= now())
-        ORDER BY s.id
-        FOR UPDATE OF s
-    ) locked;
+    -- Lock first (the lock-and-decide transaction's plan: by id, in id order), then compare
+    -- the locked rows' newest versions with what was expected.
+    SELECT count(*) INTO matched
+    FROM (SELECT s.id, s.next_offset, s.last_stream_seq, s.closed_at, s.deleted_at, s.expires_at, s.session_id
+          FROM streams s WHERE s.id = ANY(expected_ids) ORDER BY s.id FOR UPDATE) s
+    JOIN unnest(expected_ids, expected_next_offsets, expected_stream_seqs)
+         AS e (id, next_offset, stream_seq) ON s.id = e.id
+    WHERE s.next_offset = e.next_offset
+      AND s.last_stream_seq IS NOT DISTINCT FROM e.stream_seq
+      AND s.closed_at IS NULL
+      AND s.deleted_at IS NULL
+      AND (s.expires_at IS NULL OR s.expires_at > now())
+      AND NOT EXISTS (SELECT 1 FROM sessions ss WHERE ss.id = s.session_id AND ss.expires_at <= now());
     IF matched <> cardinality(expected_ids) THEN
         RETURN false;
     END IF;
