@@ -118,7 +118,7 @@ class Settings(BaseSettings):
         ),
     )
     commit_concurrency: int = Field(
-        default=4,
+        default=2,
         ge=1,
         le=32,
         description=(

@@ -167,7 +167,7 @@ class GroupCommitter:
         activity: ActivitySink,
         *,
         max_flush_bytes: int = 16 * 1024 * 1024,
-        max_inflight: int = 4,
+        max_inflight: int = 2,
         statement_timeout: float = 20.0,
         outcome_wait: float = 5.0,
     ) -> None:
