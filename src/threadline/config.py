@@ -134,7 +134,10 @@ class Settings(BaseSettings):
         default=2,
         ge=1,
         le=32,
-        description="Group commits whose object PUTs may overlap (they commit in order).",
+        description=(
+            "Group commits in flight at once: their object PUTs overlap, and those with no stream "
+            "in common commit concurrently (per stream they commit in order)."
+        ),
     )
     chunk_cache_bytes: int = Field(
         default=64 * 1024 * 1024, ge=0, description="In-memory cache of recent record chunks, per instance."

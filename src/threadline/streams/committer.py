@@ -10,10 +10,20 @@ change. Only after COMMIT are the appends acknowledged: an acknowledged record i
 indexed. A crash before COMMIT leaves an object nothing points at, which the compactor deletes;
 an append rejected at decision time leaves unreferenced bytes in an otherwise used object.
 
+In the steady state the transaction is one statement (one round trip): when this committer
+knows the heads of every stream in the flush (it committed them last; :class:`KnownHeads`), it
+decides against those and sends ``threadline_guarded_flush`` (pg_migrations/0007), which writes
+only if the heads and producer states still hold the values the decisions relied on. If another
+worker or instance moved a head, or an append would be refused or is a producer duplicate, the
+flush falls back to lock-and-decide above. Either way the appends are acknowledged only after
+the PUT and the commit.
+
 While one flush is in flight the next one fills up, so batches grow with load and latency stays
-one PUT plus one transaction when idle. Up to ``max_inflight`` flushes overlap their PUTs, but
-their transactions run strictly in flush order, so the order appends were queued in is the
-order they commit in (a producer pipelining its sequence numbers relies on that).
+one PUT plus one commit when idle. Up to ``max_inflight`` flushes are in flight at once: their
+PUTs overlap, and flushes with no stream in common commit concurrently, each on its own pooled
+connection; a flush that shares a stream with an earlier one commits after it, so per stream the
+order appends were queued in is the order they commit in (a producer pipelining its sequence
+numbers relies on that).
 """
 
 from __future__ import annotations
@@ -23,32 +33,38 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import asyncpg
 from prometheus_client import Counter, Histogram
 
-from threadline.db import POSTGRES_UNAVAILABLE, discarding_on_failure
+from threadline.db import POSTGRES_UNAVAILABLE, Conn, discarding_on_failure
 from threadline.errors import (
     ApiError,
     DatabaseUnavailable,
     OutcomeUnknown,
-    SessionExpired,
     ShuttingDown,
     StorageUnavailable,
-    StreamGone,
-    StreamNotFound,
-    StreamSeqConflict,
 )
 from threadline.storage.objects import ObjectStore, ObjectStoreUnavailable
 from threadline.streams.cache import ChunkCache, ChunkKey
-from threadline.streams.errors import check_content_type, stream_closed
+from threadline.streams.flush_plan import (
+    AppendOutcome,
+    AppendRequest,
+    Decided,
+    FlushWrite,
+    Head,
+    KnownHeads,
+    ProducerKey,
+    decide_append,
+    tail_changes,
+)
 from threadline.streams.live import LiveHub
-from threadline.streams.producers import Producer, ProducerState, decide
+from threadline.streams.producers import ProducerState
 from threadline.streams.records import encode_blob
-from threadline.streams.wire import NOTIFY_CHANNEL, ChunkRef, TailChange, encode_notifications
+from threadline.streams.wire import TailChange
 
 __all__ = ["ActivitySink", "AppendOutcome", "AppendRequest", "GroupCommitter"]
 
@@ -75,6 +91,12 @@ class _CommitUnconfirmed(Exception):
         self.xid = xid
 
 
+# Prepared once per connection by asyncpg's statement cache; the argument lists are
+# flush_plan's guard arrays followed by FlushWrite.args.
+_GUARDED_FLUSH = "SELECT threadline_guarded_flush({})".format(", ".join(f"${n}" for n in range(1, 29)))
+_FLUSH_WRITE = "SELECT threadline_flush_write({})".format(", ".join(f"${n}" for n in range(1, 21)))
+
+
 class ActivitySink(Protocol):
     """Told which sessions' channels took records in a commit (``lastActiveAt`` is the sessions
     package's business; streams only report it)."""
@@ -86,6 +108,14 @@ FLUSHES = Counter("threadline_stream_flushes_total", "Group commits (one object 
 FLUSH_FAILURES = Counter("threadline_stream_flush_failures_total", "Group commits that failed", ["stage"])
 APPENDS = Counter("threadline_stream_appends_total", "Append requests decided", ["result"])
 RECORDS = Counter("threadline_stream_records_total", "Records appended")
+FLUSH_PATHS = Counter(
+    "threadline_stream_flush_paths_total",
+    "How group commits were decided: guarded (one statement against remembered heads), "
+    "guard_failed (a head or producer moved elsewhere: fell back), undecided (by the remembered "
+    "heads an append is refused or a duplicate: fell back to decide that under lock), locked "
+    "(lock-and-decide, fallbacks included)",
+    ["path"],
+)
 FLUSH_APPENDS = Histogram(
     "threadline_stream_flush_appends",
     "Append requests per group commit",
@@ -99,25 +129,7 @@ FLUSH_SECONDS = Histogram(
 )
 
 
-@dataclass(eq=False, slots=True)
-class AppendRequest:
-    stream_id: int
-    records: Sequence[bytes]
-    content_type: str | None = None  # the request's; None skips the match (close-only, empty body)
-    close: bool = False
-    producer: Producer | None = None
-    stream_seq: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AppendOutcome:
-    start_offset: int  # offset of the first record appended (== next_offset when none)
-    next_offset: int  # Stream-Next-Offset after this append
-    appended: int
-    closed: bool  # the stream is closed after this append
-    duplicate: bool = False  # a producer retry of an append already acknowledged
-    producer_epoch: int | None = None
-    producer_seq: int | None = None  # for a duplicate: the highest sequence accepted
+_UNPLACED = Decided(0, 0, 0)  # an append with no records has no bytes in the object
 
 
 @dataclass(eq=False, slots=True)
@@ -125,27 +137,24 @@ class _Pending:
     request: AppendRequest
     future: asyncio.Future[AppendOutcome]
     size: int
-    blob_start: int = 0
-    blob_length: int = 0
+    placed: Decided = _UNPLACED
 
 
 @dataclass(slots=True)
-class _Head:
-    """One locked stream row, as the flush's decisions change it."""
+class _Decisions:
+    """A flush decided against ``heads``: each append's outcome, and what to write."""
 
-    next_offset: int
-    content_type: str
-    closed: bool
-    deleted: bool
-    expired: bool
-    session_expired: bool
-    last_stream_seq: str | None
-    session_id: str | None
-    records: int = 0
-    bytes: int = 0
-    close_now: bool = False
-    stream_seq_changed: bool = False
-    chunks: list[ChunkRef] = field(default_factory=list)
+    heads: dict[int, Head]
+    producers: dict[ProducerKey, ProducerState]
+    outcomes: list[tuple[_Pending, AppendOutcome | ApiError]]
+    changes: list[TailChange]
+    write: FlushWrite
+
+
+@dataclass(eq=False, slots=True)
+class _InFlight:
+    streams: frozenset[int]
+    done: asyncio.Event
 
 
 class GroupCommitter:
@@ -173,8 +182,9 @@ class GroupCommitter:
         self._slots = asyncio.Semaphore(max_inflight)
         self._queue: list[_Pending] = []
         self._queued = asyncio.Event()
-        self._previous_done: asyncio.Event | None = None
+        self._inflight: list[_InFlight] = []
         self._flushes: set[asyncio.Task[None]] = set()
+        self._known = KnownHeads()
         self._closing = False
 
     async def append(self, request: AppendRequest) -> AppendOutcome:
@@ -199,9 +209,13 @@ class GroupCommitter:
                 while self._queue:
                     await self._slots.acquire()
                     batch = self._take()
-                    done = asyncio.Event()
-                    previous, self._previous_done = self._previous_done, done
-                    task = asyncio.create_task(self._flush(batch, previous, done), name="threadline-flush")
+                    streams = frozenset(pending.request.stream_id for pending in batch)
+                    # Per stream, flushes commit in the order they were taken: wait for every
+                    # earlier flush still in flight that shares a stream with this one.
+                    earlier = [f.done for f in self._inflight if not f.streams.isdisjoint(streams)]
+                    this = _InFlight(streams, asyncio.Event())
+                    self._inflight.append(this)
+                    task = asyncio.create_task(self._flush(batch, earlier, this), name="threadline-flush")
                     self._flushes.add(task)
                     task.add_done_callback(self._flushes.discard)
         finally:
@@ -228,9 +242,7 @@ class GroupCommitter:
         batch, self._queue = self._queue[:taken], self._queue[taken:]
         return batch
 
-    async def _flush(
-        self, batch: list[_Pending], previous: asyncio.Event | None, done: asyncio.Event
-    ) -> None:
+    async def _flush(self, batch: list[_Pending], earlier: list[asyncio.Event], this: _InFlight) -> None:
         started = time.perf_counter()
         try:
             body = self._layout(batch)
@@ -248,8 +260,8 @@ class GroupCommitter:
                     return
             put_done = time.perf_counter()
             FLUSH_SECONDS.labels("object_put").observe(put_done - started)
-            if previous is not None:
-                await previous.wait()  # transactions commit in flush order
+            for event in earlier:
+                await event.wait()  # per stream, transactions commit in flush order
             with self._live.committing(key):
                 try:
                     changes = await self._commit(batch, key, body, put_done)
@@ -292,9 +304,11 @@ class GroupCommitter:
             logger.exception("group commit crashed")
             self._fail(batch, exc)
         finally:
-            if previous is not None and not previous.is_set():
-                await previous.wait()
-            done.set()
+            for event in earlier:
+                if not event.is_set():
+                    await event.wait()
+            this.done.set()
+            self._inflight.remove(this)
             self._slots.release()
 
     @staticmethod
@@ -316,8 +330,7 @@ class GroupCommitter:
         for pendings in by_stream.values():
             for pending in pendings:
                 blob = encode_blob(pending.request.records)
-                pending.blob_start = position
-                pending.blob_length = len(blob)
+                pending.placed = Decided(position, len(blob), pending.size)
                 position += len(blob)
                 parts.append(blob)
         return b"".join(parts)
@@ -326,6 +339,109 @@ class GroupCommitter:
         self, batch: list[_Pending], key: str | None, body: bytes, put_done: float
     ) -> list[TailChange]:
         stream_ids = sorted({pending.request.stream_id for pending in batch})
+        try:
+            if key is not None:
+                decided = await self._commit_guarded(batch, stream_ids, key, body, put_done)
+                if decided is not None:
+                    FLUSH_PATHS.labels("guarded").inc()
+                    return self._acknowledge(decided)
+            FLUSH_PATHS.labels("locked").inc()
+            decided = await self._commit_locked(batch, stream_ids, key, body, put_done)
+            self._known.forget(set(stream_ids) - decided.heads.keys())
+            return self._acknowledge(decided)
+        except BaseException:
+            # Whatever this committer remembered of these heads may be wrong now.
+            self._known.forget(stream_ids)
+            raise
+
+    def _decide(
+        self,
+        batch: list[_Pending],
+        heads: dict[int, Head],
+        key: str | None,
+        size: int,
+        producers: dict[ProducerKey, ProducerState],
+    ) -> _Decisions:
+        changed_producers: set[ProducerKey] = set()
+        outcomes: list[tuple[_Pending, AppendOutcome | ApiError]] = []
+        for pending in batch:
+            head = heads.get(pending.request.stream_id)
+            try:
+                outcome = decide_append(
+                    pending.request, pending.placed, head, key or "", producers, changed_producers
+                )
+            except ApiError as exc:
+                outcomes.append((pending, exc))
+            else:
+                outcomes.append((pending, outcome))
+        changes = tail_changes(heads)
+        write = FlushWrite.build(key, size, heads, producers, changed_producers, changes)
+        return _Decisions(heads, producers, outcomes, changes, write)
+
+    async def _commit_guarded(
+        self, batch: list[_Pending], stream_ids: list[int], key: str, body: bytes, put_done: float
+    ) -> _Decisions | None:
+        """The steady state: decide against the heads this committer remembers and commit in one
+        guarded statement. None when that cannot be done (a head unknown, an append this path
+        does not decide: a refusal or a producer duplicate, whose answer must come from the
+        locked heads) or the guard found a head or producer moved: nothing was written then."""
+        heads = self._known.heads_for(stream_ids)
+        if heads is None:
+            return None
+        producer_keys = sorted(
+            {(p.request.stream_id, p.request.producer.id) for p in batch if p.request.producer is not None}
+        )
+        expected_producers = self._known.producer_states(producer_keys)
+        expected_heads = [
+            (stream_id, heads[stream_id].next_offset, heads[stream_id].last_stream_seq)
+            for stream_id in stream_ids
+        ]
+        producers = {k: state for k, state in expected_producers.items() if state is not None}
+        decided = self._decide(batch, heads, key, len(body), producers)
+        if any(isinstance(result, ApiError) or result.duplicate for _, result in decided.outcomes):
+            FLUSH_PATHS.labels("undecided").inc()
+            return None
+        guard = (
+            [stream_id for stream_id, _, _ in expected_heads],
+            [offset for _, offset, _ in expected_heads],
+            [seq for _, _, seq in expected_heads],
+            [k[0] for k in producer_keys],
+            [k[1] for k in producer_keys],
+            [s.epoch if (s := expected_producers[k]) else None for k in producer_keys],
+            [s.last_seq if (s := expected_producers[k]) else None for k in producer_keys],
+            [s.last_next_offset if (s := expected_producers[k]) else None for k in producer_keys],
+        )
+        async with discarding_on_failure(self._pool, acquire_timeout=self._statement_timeout) as conn:
+            if time.perf_counter() - put_done > _MAX_PUT_TO_COMMIT_SECONDS:
+                raise _Stalled
+            # Cached before the statement: its NOTIFY may wake subscribers before its reply.
+            self._cache_chunks(key, body, decided.changes)
+            backend = conn.get_server_pid()
+            try:
+                committed = await conn.fetchval(
+                    _GUARDED_FLUSH, *guard, *decided.write.args, timeout=self._statement_timeout
+                )
+            except asyncpg.PostgresError:
+                raise  # Postgres answered: the statement's transaction aborted
+            except POSTGRES_UNAVAILABLE as exc:
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
+                stored = await self._object_committed(key, backend)
+                if stored is None:
+                    raise _CommitUnconfirmed(f"guarded flush of {key} (backend {backend})") from exc
+                if not stored:
+                    raise
+                logger.info("guarded flush confirmed after its reply was lost", extra={"key": key})
+                committed = True
+        if not committed:
+            FLUSH_PATHS.labels("guard_failed").inc()
+            return None
+        return decided
+
+    async def _commit_locked(
+        self, batch: list[_Pending], stream_ids: list[int], key: str | None, body: bytes, put_done: float
+    ) -> _Decisions:
+        """Lock the heads, decide against them, write, COMMIT: exact whatever others did."""
         producer_keys = sorted(
             {(p.request.stream_id, p.request.producer.id) for p in batch if p.request.producer is not None}
         )
@@ -347,7 +463,7 @@ class GroupCommitter:
                 timeout=self._statement_timeout,
             )
             heads = {
-                row["id"]: _Head(
+                row["id"]: Head(
                     next_offset=row["next_offset"],
                     content_type=row["content_type"],
                     closed=row["closed"],
@@ -359,7 +475,7 @@ class GroupCommitter:
                 )
                 for row in rows
             }
-            producers: dict[tuple[int, str], ProducerState] = {}
+            producers: dict[ProducerKey, ProducerState] = {}
             if producer_keys:
                 for row in await conn.fetch(
                     """SELECT p.stream_id, p.producer_id, p.epoch, p.last_seq, p.last_next_offset
@@ -373,26 +489,23 @@ class GroupCommitter:
                     producers[(row["stream_id"], row["producer_id"])] = ProducerState(
                         row["epoch"], row["last_seq"], row["last_next_offset"]
                     )
-            changed_producers: set[tuple[int, str]] = set()
-            outcomes: list[tuple[_Pending, AppendOutcome | ApiError]] = []
-            for pending in batch:
-                head = heads.get(pending.request.stream_id)
-                try:
-                    outcome = self._decide(pending, head, key or "", producers, changed_producers)
-                except ApiError as exc:
-                    outcomes.append((pending, exc))
-                else:
-                    outcomes.append((pending, outcome))
-            changes = self._changes(heads)
-            await self._write(conn, key, len(body), heads, producers, changed_producers, changes)
+            decided = self._decide(batch, heads, key, len(body), producers)
+            if not decided.write.empty:
+                await conn.execute(_FLUSH_WRITE, *decided.write.args, timeout=self._statement_timeout)
             # Cached before COMMIT: this transaction's NOTIFY may reach the listener (and wake
             # every subscriber) before COMMIT's reply reaches us, and they must find the bytes.
-            self._cache_chunks(key, body, changes)
+            self._cache_chunks(key, body, decided.changes)
             await self._commit_or_learn_outcome(conn, rows[0]["xid"] if rows else None)
-        for head in heads.values():
+        return decided
+
+    def _acknowledge(self, decided: _Decisions) -> list[TailChange]:
+        """After the commit: remember the heads as this commit left them (exact at commit, on
+        either path), and answer the appenders."""
+        self._known.remember(decided.heads, decided.producers)
+        for head in decided.heads.values():
             if head.records and head.session_id is not None:
                 self._activity.touch(head.session_id)
-        for pending, result in outcomes:
+        for pending, result in decided.outcomes:
             if pending.future.done():
                 continue
             if isinstance(result, ApiError):
@@ -402,7 +515,27 @@ class GroupCommitter:
                 APPENDS.labels("duplicate" if result.duplicate else "ok").inc()
                 RECORDS.inc(result.appended)
                 pending.future.set_result(result)
-        return changes
+        return decided.changes
+
+    async def _object_committed(self, key: str, backend: int) -> bool | None:
+        """Whether the one-statement flush that wrote ``key`` committed, when its reply was lost:
+        True once its object row is visible, False once the backend that ran it has exited
+        without it (a statement's transaction ends with its backend at the latest), None if
+        neither is known within the outcome wait. The backend is asked about first, the row
+        after, in separate statements: a row committed just before the backend exited is then
+        always seen."""
+
+        async def ask(conn: Conn, bound: float) -> bool | None:
+            running = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)", backend, timeout=bound
+            )
+            if await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM stream_objects WHERE key = $1)", key, timeout=bound
+            ):
+                return True
+            return None if running else False
+
+        return await self._learn_outcome(ask, {"key": key, "backend": str(backend)})
 
     async def _commit_or_learn_outcome(self, conn: Any, xid: str | None) -> None:
         """COMMIT, and when its reply is lost (timeout, connection dropped) ask Postgres how the
@@ -429,30 +562,36 @@ class GroupCommitter:
             logger.info("group commit confirmed after its reply was lost", extra={"xid": xid})
 
     async def _transaction_committed(self, xid: str) -> bool | None:
-        """How transaction ``xid`` ended, asked on another connection until the outcome wait runs
-        out: True committed, False aborted, None unknown (Postgres unreachable, or still
-        committing)."""
+        """How transaction ``xid`` ended: True committed, False aborted, None unknown (Postgres
+        unreachable, or still committing)."""
+
+        async def ask(conn: Conn, bound: float) -> bool | None:
+            status = await conn.fetchval("SELECT pg_xact_status($1::text::xid8)", xid, timeout=bound)
+            return {"committed": True, "aborted": False}.get(status)
+
+        return await self._learn_outcome(ask, {"xid": xid})
+
+    async def _learn_outcome(
+        self, ask: Callable[[Conn, float], Awaitable[bool | None]], context: dict[str, str]
+    ) -> bool | None:
+        """Ask Postgres, on other connections, how a commit whose reply was lost ended, until it
+        says or the outcome wait runs out (then None: unknown)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._outcome_wait
         last_error: BaseException | None = None
         while (remaining := deadline - loop.time()) > 0:
+            answer: bool | None = None
             try:
                 async with discarding_on_failure(self._pool, acquire_timeout=remaining) as conn:
-                    status = await conn.fetchval(
-                        "SELECT pg_xact_status($1::text::xid8)",
-                        xid,
-                        timeout=max(deadline - loop.time(), 0.01),
-                    )
+                    answer = await ask(conn, max(deadline - loop.time(), 0.01))
             except POSTGRES_UNAVAILABLE as exc:
-                status, last_error = None, exc
-            if status == "committed":
-                return True
-            if status == "aborted":
-                return False
+                last_error = exc
+            if answer is not None:
+                return answer
             await asyncio.sleep(min(_OUTCOME_POLL_SECONDS, max(deadline - loop.time(), 0)))
         logger.warning(
-            "could not learn a transaction's outcome",
-            extra={"xid": xid, "error": repr(last_error) if last_error else "still in progress"},
+            "could not learn a commit's outcome",
+            extra={**context, "error": repr(last_error) if last_error else "still in progress"},
         )
         return None
 
@@ -463,166 +602,3 @@ class GroupCommitter:
             if change.chunk is not None:
                 start, length = change.chunk.byte_start, change.chunk.byte_length
                 self._cache.put(ChunkKey(key, start, length), body[start : start + length])
-
-    @staticmethod
-    def _decide(
-        pending: _Pending,
-        head: _Head | None,
-        key: str,
-        producers: dict[tuple[int, str], ProducerState],
-        changed_producers: set[tuple[int, str]],
-    ) -> AppendOutcome:
-        request = pending.request
-        if head is None or head.expired:
-            raise StreamNotFound("stream not found")
-        if head.deleted:
-            raise StreamGone()
-        producer = request.producer
-        state = producers.get((request.stream_id, producer.id)) if producer is not None else None
-        if producer is not None and decide(state, producer) == "duplicate":
-            assert state is not None
-            return AppendOutcome(
-                start_offset=state.last_next_offset,
-                next_offset=state.last_next_offset,
-                appended=0,
-                closed=head.closed,
-                duplicate=True,
-                producer_epoch=state.epoch,
-                producer_seq=state.last_seq,
-            )
-        if head.closed:
-            if not request.records and request.close:
-                return AppendOutcome(head.next_offset, head.next_offset, 0, closed=True)
-            raise stream_closed(head.next_offset)
-        if head.session_expired:
-            raise SessionExpired("the session has expired; its channels take no appends")
-        if request.records and request.content_type is not None:
-            check_content_type(request.content_type, head.content_type)
-        if request.stream_seq is not None:
-            if head.last_stream_seq is not None and request.stream_seq <= head.last_stream_seq:
-                raise StreamSeqConflict(
-                    f"Stream-Seq {request.stream_seq!r} is not after {head.last_stream_seq!r}",
-                )
-            head.last_stream_seq = request.stream_seq
-            head.stream_seq_changed = True
-        start = head.next_offset
-        count = len(request.records)
-        if count:
-            chunk = ChunkRef(start, start + count, key, pending.blob_start, pending.blob_length)
-            last = head.chunks[-1] if head.chunks else None
-            if (
-                last is not None
-                and last.end == start
-                and last.byte_start + last.byte_length == pending.blob_start
-            ):
-                head.chunks[-1] = ChunkRef(
-                    last.start, chunk.end, key, last.byte_start, last.byte_length + pending.blob_length
-                )
-            else:
-                head.chunks.append(chunk)
-            head.next_offset += count
-            head.records += count
-            head.bytes += pending.size
-        if request.close:
-            head.closed = True
-            head.close_now = True
-        if producer is not None:
-            producers[(request.stream_id, producer.id)] = ProducerState(
-                producer.epoch, producer.seq, head.next_offset
-            )
-            changed_producers.add((request.stream_id, producer.id))
-        return AppendOutcome(
-            start,
-            head.next_offset,
-            count,
-            closed=head.closed,
-            producer_epoch=producer.epoch if producer else None,
-            producer_seq=producer.seq if producer else None,
-        )
-
-    @staticmethod
-    def _changes(heads: dict[int, _Head]) -> list[TailChange]:
-        changes: list[TailChange] = []
-        for stream_id, head in heads.items():
-            for index, chunk in enumerate(head.chunks):
-                last = index == len(head.chunks) - 1
-                changes.append(TailChange(stream_id, chunk.end, head.closed and last, chunk))
-            if head.close_now and not head.chunks:
-                changes.append(TailChange(stream_id, head.next_offset, True, None))
-        return changes
-
-    async def _write(
-        self,
-        conn: Any,
-        key: str | None,
-        size: int,
-        heads: dict[int, _Head],
-        producers: dict[tuple[int, str], ProducerState],
-        changed_producers: set[tuple[int, str]],
-        changes: list[TailChange],
-    ) -> None:
-        chunk_rows = [(stream_id, chunk) for stream_id, head in heads.items() for chunk in head.chunks]
-        moved = {
-            stream_id: head
-            for stream_id, head in heads.items()
-            if head.records or head.close_now or head.stream_seq_changed
-        }
-        if not moved and not changed_producers:
-            return
-        producer_items = [(k, producers[k]) for k in sorted(changed_producers)]
-        await conn.execute(
-            """WITH obj AS (
-                   INSERT INTO stream_objects (key, size, kind)
-                   SELECT $1::text, $2::bigint, 'batch' WHERE $1::text IS NOT NULL AND cardinality($3::bigint[]) > 0
-                   RETURNING id
-               ), chunks AS (
-                   INSERT INTO stream_chunks (stream_id, start_offset, end_offset, object_id, byte_start, byte_length)
-                   SELECT c.stream_id, c.start_offset, c.end_offset, obj.id, c.byte_start, c.byte_length
-                   FROM obj, unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::int[])
-                        AS c (stream_id, start_offset, end_offset, byte_start, byte_length)
-               ), heads AS (
-                   UPDATE streams s SET
-                       next_offset = u.next_offset,
-                       records = s.records + u.records,
-                       bytes = s.bytes + u.bytes,
-                       first_record_at = CASE WHEN u.records > 0 THEN coalesce(s.first_record_at, now())
-                                              ELSE s.first_record_at END,
-                       last_record_at = CASE WHEN u.records > 0 THEN now() ELSE s.last_record_at END,
-                       closed_at = CASE WHEN u.close_now THEN coalesce(s.closed_at, now()) ELSE s.closed_at END,
-                       last_stream_seq = coalesce(u.stream_seq, s.last_stream_seq),
-                       expires_at = CASE WHEN s.ttl_seconds IS NOT NULL
-                                         THEN now() + s.ttl_seconds * interval '1 second'
-                                         ELSE s.expires_at END
-                   FROM unnest($8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bool[], $13::text[])
-                        AS u (id, next_offset, records, bytes, close_now, stream_seq)
-                   WHERE s.id = u.id
-               ), producers AS (
-                   INSERT INTO stream_producers (stream_id, producer_id, epoch, last_seq, last_next_offset)
-                   SELECT * FROM unnest($14::bigint[], $15::text[], $16::bigint[], $17::bigint[], $18::bigint[])
-                   ON CONFLICT (stream_id, producer_id) DO UPDATE
-                   SET epoch = excluded.epoch, last_seq = excluded.last_seq,
-                       last_next_offset = excluded.last_next_offset, updated_at = now()
-               )
-               SELECT pg_notify($20, p) FROM unnest($19::text[]) AS p""",
-            key,
-            size,
-            [stream_id for stream_id, _ in chunk_rows],
-            [chunk.start for _, chunk in chunk_rows],
-            [chunk.end for _, chunk in chunk_rows],
-            [chunk.byte_start for _, chunk in chunk_rows],
-            [chunk.byte_length for _, chunk in chunk_rows],
-            list(moved),
-            [head.next_offset for head in moved.values()],
-            [head.records for head in moved.values()],
-            [head.bytes for head in moved.values()],
-            [head.close_now for head in moved.values()],
-            [head.last_stream_seq if head.stream_seq_changed else None for head in moved.values()],
-            [k[0] for k, _ in producer_items],
-            [k[1] for k, _ in producer_items],
-            [state.epoch for _, state in producer_items],
-            [state.last_seq for _, state in producer_items],
-            [state.last_next_offset for _, state in producer_items],
-            encode_notifications(changes),
-            NOTIFY_CHANNEL,
-            timeout=self._statement_timeout,
-        )
