@@ -410,10 +410,12 @@ async def compare(quick: bool, workers: int | None, procs: int, py_spy: Path | N
 
 def main(quick: bool, workers: int | None, procs: int, py_spy: Path | None) -> None:
     result = asyncio.run(compare(quick, workers, procs, py_spy))
+    name = "compare" + ("_quick" if quick else "")
+    write_results(name, result, render(result))  # first: a failure below must not lose these rows
     if not quick:
         subprocess.run([sys.executable, str(REPO / "bench" / "list_replication.py")], check=True)
         result["lists"] = json.loads((REPO / "bench" / "results" / "list_replication.json").read_text())
-    write_results("compare" + ("_quick" if quick else ""), result, render(result))
+        write_results(name, result, render(result))
 
 
 if __name__ == "__main__":

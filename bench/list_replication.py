@@ -76,7 +76,8 @@ SELECT {env:String}, {org:String}, {proj:String},
        toDateTime64({base:Int64} + n * {step:Int64}, 6, 'UTC'),
        toDateTime64({base:Int64} + n * {step:Int64}, 6, 'UTC'),
        toDateTime64({base:Int64} + n * {step:Int64} + (n % 1000), 6, 'UTC'),
-       1, 0
+       1, 0,
+       '', NULL, NULL, ''  -- fork lineage (clickhouse_schema/003): every bench session is a root
 FROM (SELECT number + 1 AS n FROM numbers({count:UInt64}))
 """
 
