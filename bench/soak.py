@@ -163,13 +163,19 @@ async def _sessions(
 
 
 def _sample(server: psutil.Process) -> dict[str, float]:
-    with server.oneshot():
-        return {
-            "rss_mb": server.memory_info().rss / 2**20,
-            "fds": server.num_fds(),
-            "connections": len(server.net_connections(kind="tcp")),
-            "cpu_s": sum(server.cpu_times()[:2]),
-        }
+    """The server's whole process tree: `threadline serve` is a supervisor and one worker per CPU,
+    and the supervisor alone holds neither the connections nor the memory that matter."""
+    totals = {"rss_mb": 0.0, "fds": 0.0, "connections": 0.0, "cpu_s": 0.0}
+    for process in [server, *server.children(recursive=True)]:
+        try:
+            with process.oneshot():
+                totals["rss_mb"] += process.memory_info().rss / 2**20
+                totals["fds"] += process.num_fds()
+                totals["connections"] += len(process.net_connections(kind="tcp"))
+                totals["cpu_s"] += sum(process.cpu_times()[:2])
+        except psutil.Error:
+            continue  # a worker that just exited (and is being replaced)
+    return totals
 
 
 def _fit(values: list[float]) -> tuple[float, float]:
