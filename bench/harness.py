@@ -27,7 +27,8 @@ from threadline.embedded.ports import free_port  # noqa: E402
 from threadline.embedded.stack import StackEndpoints  # noqa: E402
 
 
-def _tree(root: psutil.Process) -> list[psutil.Process]:
+def process_tree(root: psutil.Process) -> list[psutil.Process]:
+    """A server and every process under it (`threadline serve` is a supervisor and its workers)."""
     try:
         return [root, *root.children(recursive=True)]
     except psutil.Error:
@@ -37,7 +38,7 @@ def _tree(root: psutil.Process) -> list[psutil.Process]:
 def tree_cpu_seconds(root: psutil.Process) -> float:
     """CPU seconds of a server and all its processes (`threadline serve` runs one per CPU)."""
     total = 0.0
-    for proc in _tree(root):
+    for proc in process_tree(root):
         try:
             times = proc.cpu_times()
             total += times.user + times.system
@@ -49,7 +50,7 @@ def tree_cpu_seconds(root: psutil.Process) -> float:
 def tree_rss(root: psutil.Process) -> int:
     """Resident bytes of a server and all its processes."""
     total = 0
-    for proc in _tree(root):
+    for proc in process_tree(root):
         try:
             total += proc.memory_info().rss
         except psutil.Error:

@@ -37,7 +37,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import REPO, pct, start_server, stop_server, tenant, write_results
+from harness import REPO, pct, process_tree, start_server, stop_server, tenant, write_results
 from threadline.embedded.stack import EmbeddedStack
 
 KINDS = ("append", "subscribe", "list", "count", "create", "close")
@@ -166,7 +166,7 @@ def _sample(server: psutil.Process) -> dict[str, float]:
     """The server's whole process tree: `threadline serve` is a supervisor and one worker per CPU,
     and the supervisor alone holds neither the connections nor the memory that matter."""
     totals = {"rss_mb": 0.0, "fds": 0.0, "connections": 0.0, "cpu_s": 0.0}
-    for process in [server, *server.children(recursive=True)]:
+    for process in process_tree(server):
         try:
             with process.oneshot():
                 totals["rss_mb"] += process.memory_info().rss / 2**20
