@@ -441,6 +441,39 @@ def test_webhook_callback_acks_and_a_second_one_is_fenced(hooks: httpx.Client) -
         receiver.close()
 
 
+def test_an_instance_that_may_not_call_a_host_leaves_its_wakes_to_one_that_may(
+    hooks: httpx.Client, client: httpx.Client
+) -> None:
+    """Two instances on one database with different allow-lists (a rolling change of
+    THREADLINE_WEBHOOK_ALLOWED_HOSTS): appends land on the instance that may not call 127.0.0.1,
+    which learns of them first. It must not take the wake and fail it (a failure costs a
+    generation and holds delivery back by the retry backoff): every wake reaches the receiver,
+    one generation per append, none failed."""
+    receiver = Receiver(answer={"done": True})
+    rounds = 8
+    try:
+        sub, stream = _id(), f"events-{uuid.uuid4().hex[:6]}/policy"
+        created = hooks.put(
+            SUBS + sub, json={"type": "webhook", "streams": [stream], "webhook": {"url": receiver.url}}
+        )
+        assert created.status_code == 201, created.text
+        assert (
+            client.put(f"/v1/stream/{stream}", headers={"Content-Type": "application/json"}).status_code
+            == 201
+        )
+        for n in range(1, rounds + 1):
+            _send(client, stream, {"n": n})  # through the instance that does not allow the host
+            eventually(
+                lambda n=n: hooks.get(SUBS + sub).json()["streams"][0]["acked_offset"] == offset(n),
+                timeout=60,
+            )
+        generations = [json.loads(body)["generation"] for _, body in receiver.requests]
+        assert generations == list(range(1, rounds + 1)), generations
+        assert hooks.get(SUBS + sub).json()["status"] == "active"
+    finally:
+        receiver.close()
+
+
 # --- restarts ------------------------------------------------------------------------------
 
 

@@ -13,7 +13,9 @@ so a holder whose lease ran out (or that was killed) is fenced: its ack carries 
 wake id or token and changes nothing. What wakes a subscription: this instance's live hub
 reporting a stream's tail moved (local commits, and other instances' through ``NOTIFY``), the
 end of a lease with work left, and a sweep every ``THREADLINE_SUBSCRIPTION_SWEEP_SECONDS`` that
-catches whatever a crash or a lost notification left behind.
+catches any linked stream with records past its cursor that a crash or a lost notification
+left unwoken. A stream a pattern newly matches is linked (at its first offset, so nothing it
+holds is skipped) when any instance learns of a change to it; a pass that fails is retried.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from threadline.errors import (
     SubscriptionExists,
     SubscriptionNotFound,
     ValidationFailed,
+    WebhookUrlRejected,
 )
 from threadline.sessions.access import stream_access
 from threadline.streams.live import LiveHub
@@ -123,6 +126,7 @@ class SubscriptionService:
         self._tasks: list[asyncio.Task[None]] = []
         self._deliveries: set[asyncio.Task[None]] = set()
         self._sender: WebhookSender | None = None
+        self._refused_urls: set[str] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -387,8 +391,16 @@ class SubscriptionService:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # The sweep catches up whatever this pass could not do.
-                logger.warning("subscription wake pass failed", extra={"error": repr(exc)[:300]})
+                # Linking a newly matched stream happens only here (the sweep wakes subscriptions
+                # that have links, it does not look for new streams), so the batch is not dropped:
+                # it is tried again after a pause, with whatever changed meanwhile.
+                logger.warning(
+                    "subscription wake pass failed; retrying",
+                    extra={"streams": len(batch), "error": repr(exc)[:300]},
+                )
+                self._changed |= batch
+                self._changed_event.set()
+                await asyncio.sleep(self._settings.subscription_sweep_seconds)
 
     async def _wake_for_streams(self, stream_ids: Sequence[int]) -> None:
         async with self._background.acquire() as conn:
@@ -409,7 +421,9 @@ class SubscriptionService:
                 await repository.link_at(conn, discovered)
             pks = await repository.subscriptions_linking(conn, facts)
         for pk in sorted(pks):
-            await self._wake(pk)
+            # One subscription's failure must not hold back the others; its links exist now,
+            # so the sweep wakes it later.
+            await self._wake_logged(pk)
 
     async def _sweep(self) -> None:
         while True:
@@ -456,6 +470,8 @@ class SubscriptionService:
                 return None  # a wake in flight or a live lease: its holder gets the new work
             if row["phase"] == "idle" and row["backing_off"]:
                 return None  # a webhook retry is scheduled later
+            if row["kind"] == "webhook" and not self._may_call(row["webhook_url"], row["id"]):
+                return None  # an instance whose allow-list has the host delivers it
             cursors = await repository.cursors(conn, pk, row["environment_id"])
             if not any(c.pending for c in cursors):
                 if row["phase"] != "idle":
@@ -510,6 +526,24 @@ class SubscriptionService:
             )
 
     # --- webhooks ----------------------------------------------------------------------------
+
+    def _may_call(self, url: str, subscription_id: str) -> bool:
+        """Whether this instance's allow-list admits ``url``'s host (no DNS: that is checked at
+        delivery). Instances are meant to share one allow-list, but during a rolling change of
+        ``THREADLINE_WEBHOOK_ALLOWED_HOSTS`` they do not: an instance that may not call a host
+        leaves the wake to one that may, instead of taking the lease and recording a failure
+        (which would hold the delivery back by the retry backoff)."""
+        try:
+            self.policy.check_url(url)
+        except WebhookUrlRejected as exc:
+            if url not in self._refused_urls:
+                self._refused_urls.add(url)
+                logger.warning(
+                    "webhook host not allowed on this instance; leaving its wakes to instances that allow it",
+                    extra={"subscription": subscription_id, "error": str(exc)[:300]},
+                )
+            return False
+        return True
 
     def _subscription_url(self, issued: _Issued, tail: str) -> str:
         return f"{issued.base_url}/v1/stream/__ds/subscriptions/{issued.subscription_id}{tail}"
