@@ -76,8 +76,9 @@ faults: install
 ## A soak (bench/soak.py): SOAK_MINUTES of sustained mixed load, server RSS, fds and latency per
 ## minute, and a verdict on drift after warm-up
 SOAK_MINUTES ?= 30
+SOAK_ARGS ?=
 soak: install
-	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES)
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 ## Benchmarks: Threadline next to the Durable Streams reference server and the cost floor, plus
 ## lists, replication lag and the chat-shaped ramp; one table to stdout and

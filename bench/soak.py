@@ -4,7 +4,12 @@
 
 * appends: `--writers` streams, each appended at `--rate` records/s (200 B JSON records);
 * subscribers: `--subscribers` SSE readers at any time, each on a random stream for 1-5 s, then
-  it leaves and another connects (connect → first byte is the "subscribe" latency);
+  it leaves and another connects (connect → first byte is the "subscribe" latency). By default
+  (`--from recent`) a reader starts `--window` records behind the tail its stream's writer last
+  saw acknowledged, so every connection catches up a bounded backlog and then follows live: the
+  work per minute stays the same for the whole run. `--from start` reads each stream from its
+  first record instead, a workload that grows with the streams (a rise in RSS is then expected
+  and says nothing about leaks);
 * lists: a session list and a count, `--lists` per second;
 * sessions: create one and close an older one, `--sessions` per second.
 
@@ -86,33 +91,71 @@ async def _paced(rate: float, stop: asyncio.Event, step: Any) -> None:
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
 
+class Tails:
+    """The last acknowledged record count of each stream, as its writer saw it (from
+    ``Stream-Next-Offset``): where a ``--from recent`` reader starts, ``--window`` records back."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.records: dict[str, int] = defaultdict(int)
+
+    def acknowledged(self, path: str, next_offset: str | None) -> None:
+        if next_offset:
+            self.records[path] = max(self.records[path], int(next_offset.rsplit("_", 1)[-1]))
+
+    def start(self, path: str) -> str:
+        """An offset ``window`` records behind the known tail (offsets are ``<0>_<position>``)."""
+        return f"{0:016d}_{max(0, self.records[path] - self.window):016d}"
+
+
 async def _writer(
-    client: aiohttp.ClientSession, url: str, path: str, rate: float, stats: Stats, stop: asyncio.Event
+    client: aiohttp.ClientSession,
+    url: str,
+    path: str,
+    rate: float,
+    stats: Stats,
+    stop: asyncio.Event,
+    tails: Tails,
 ) -> None:
     record = json.dumps({"text": "x" * 180}).encode()
 
     async def step() -> None:
-        await _timed(
-            stats,
-            "append",
-            client.post(url + path, data=record, headers={"Content-Type": "application/json"}),
-            (200, 204),
-        )
+        started = time.perf_counter()
+        try:
+            async with client.post(
+                url + path, data=record, headers={"Content-Type": "application/json"}
+            ) as response:
+                await response.read()
+                if response.status in (200, 204):
+                    stats.latency["append"].append(time.perf_counter() - started)
+                    tails.acknowledged(path, response.headers.get("Stream-Next-Offset"))
+                else:
+                    stats.errors[f"append {response.status}"] += 1
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            stats.errors[f"append {type(exc).__name__}"] += 1
 
     await _paced(rate, stop, step)
 
 
 async def _subscriber(
-    client: aiohttp.ClientSession, url: str, paths: list[str], stats: Stats, stop: asyncio.Event, seed: int
+    client: aiohttp.ClientSession,
+    url: str,
+    paths: list[str],
+    stats: Stats,
+    stop: asyncio.Event,
+    seed: int,
+    tails: Tails | None,
 ) -> None:
-    """Connect to a random stream's SSE, read for 1-5 s, leave; again until stopped."""
+    """Connect to a random stream's SSE, read for 1-5 s, leave; again until stopped. From the
+    stream's start without ``tails``, else a bounded window behind its tail."""
     rng = random.Random(seed)
     while not stop.is_set():
         path = rng.choice(paths)
         stay = rng.uniform(1.0, 5.0)
         started = time.perf_counter()
+        start = "-1" if tails is None else tails.start(path)
         try:
-            async with client.get(url + path, params={"offset": "-1", "live": "sse"}) as response:
+            async with client.get(url + path, params={"offset": start, "live": "sse"}) as response:
                 if response.status != 200:
                     stats.errors[f"subscribe {response.status}"] += 1
                     await asyncio.sleep(1.0)
@@ -210,9 +253,13 @@ async def soak(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
                         url + path, headers={"Content-Type": "application/json"}
                     ) as response:
                         response.raise_for_status()
-                tasks = [asyncio.create_task(_writer(client, url, p, args.rate, stats, stop)) for p in paths]
+                tails = Tails(args.window)
+                tasks = [
+                    asyncio.create_task(_writer(client, url, p, args.rate, stats, stop, tails)) for p in paths
+                ]
+                readers_tails = tails if args.start == "recent" else None
                 tasks += [
-                    asyncio.create_task(_subscriber(client, url, paths, stats, stop, seed))
+                    asyncio.create_task(_subscriber(client, url, paths, stats, stop, seed, readers_tails))
                     for seed in range(args.subscribers)
                 ]
                 tasks.append(asyncio.create_task(_lists(client, url, args.lists, stats, stop)))
@@ -294,6 +341,14 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=20, help="streams, one writer each")
     parser.add_argument("--rate", type=float, default=10.0, help="appends/s per writer")
     parser.add_argument("--subscribers", type=int, default=20, help="SSE readers connected at any time")
+    parser.add_argument(
+        "--from",
+        dest="start",
+        choices=("recent", "start"),
+        default="recent",
+        help="where readers start: --window records behind the tail (steady work), or each stream's start",
+    )
+    parser.add_argument("--window", type=int, default=200, help="records a --from recent reader catches up")
     parser.add_argument("--lists", type=float, default=2.0, help="list + count per second")
     parser.add_argument("--sessions", type=float, default=2.0, help="session creates (and closes) per second")
     parser.add_argument(

@@ -28,6 +28,7 @@ from tests.conftest import (
 )
 from tests.test_auth import make_jwt
 from threadline.embedded.stack import StackEndpoints
+from threadline.subscriptions.patterns import matches, sql_regex
 
 SUBS = "/v1/stream/__ds/subscriptions/"
 
@@ -192,6 +193,67 @@ def test_a_pattern_with_a_session_type_links_only_those_sessions_in_channels(cli
         "ok": True,
         "next_wake": False,
     }
+
+
+def test_a_pattern_links_a_stream_in_the_transaction_that_creates_it(client: httpx.Client) -> None:
+    """No window between a stream's birth and its link: an empty stream, a session's channel and
+    a fork are linked when their creation is answered (no waiting), a fork at its own first
+    offset (its inherited records are not new work), and nothing the pattern does not match."""
+    room, kind = f"born-{uuid.uuid4().hex[:6]}", f"chat-{uuid.uuid4().hex[:6]}"
+    sub, by_type = _id(), _id()
+    assert _pull_wake(client, sub, pattern=f"{room}/*").status_code == 201
+    assert _pull_wake(client, by_type, pattern="sessions/*/in", session_type=kind).status_code == 201
+
+    def links(subscription: str) -> dict[str, str]:
+        return {s["path"]: s["acked_offset"] for s in client.get(SUBS + subscription).json()["streams"]}
+
+    assert (
+        client.put(f"/v1/stream/{room}/empty", headers={"Content-Type": "application/json"}).status_code
+        == 201
+    )
+    assert links(sub) == {f"{room}/empty": offset(0)}
+    assert client.put(f"/v1/stream/{room}/source", json=[{"n": 1}, {"n": 2}, {"n": 3}]).status_code == 201
+    fork = client.put(
+        f"/v1/stream/{room}/fork",
+        headers={
+            "Content-Type": "application/json",
+            "Stream-Forked-From": f"{room}/source",
+            "Stream-Fork-Offset": offset(2),
+        },
+    )
+    assert fork.status_code == 201, fork.text
+    assert client.put(f"/v1/stream/{room}/deeper/no", json=[]).status_code == 201  # * is one segment
+    assert links(sub) == {f"{room}/empty": offset(0), f"{room}/source": offset(0), f"{room}/fork": offset(2)}
+    session, other = _session(client, kind), _session(client, f"other-{kind}")
+    assert links(by_type) == {f"sessions/{session}/in": offset(0)}
+    assert f"sessions/{other}/in" not in links(by_type)
+
+
+def test_postgres_matches_a_pattern_as_the_server_does(db: Any) -> None:
+    """The creation trigger matches with sql_regex in Postgres, the server with matches() in
+    Python: the two must agree, on every wildcard form and on punctuation a segment may hold."""
+    patterns = [
+        "events/*", "a/**", "**", "a/**/c", "sessions/*/in", "pre*post/q", "*/*", "x-y.z/~a&b/*",
+        "a+b/(c)/$d", "*.json", "a/*/**", "it's/=,;!@:/*",
+    ]  # fmt: skip
+    names = [
+        "events/x", "events/x/y", "events", "eventsx/y", "a", "a/b", "a/b/c", "a/c", "ab/c",
+        "sessions/s1/in", "sessions/s1/out", "sessions//in", "prepost/q", "pre-x-post/q", "pre/post/q",
+        "x-y.z/~a&b/k", "xxy.z/~a&b/k", "a+b/(c)/$d", "aab/(c)/$d", "f.json", "fxjson", "a/b/c/d",
+        "it's/=,;!@:/z",
+    ]  # fmt: skip
+    pairs = [(p, n) for p in patterns for n in names]
+    rows = db(
+        "fetch",
+        "SELECT u.n ~ u.r AS m FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(n, r, i) ORDER BY i",
+        [n for _, n in pairs],
+        [sql_regex(p) for p, _ in pairs],
+    )
+    disagreements = [
+        (p, n, row["m"]) for (p, n), row in zip(pairs, rows, strict=True) if row["m"] != matches(p, n)
+    ]
+    assert not disagreements
+    assert sum(matches(p, n) for p, n in pairs) > 20  # the comparison covers matches, not only misses
 
 
 def test_explicit_links_are_added_and_removed_beside_the_pattern(client: httpx.Client) -> None:

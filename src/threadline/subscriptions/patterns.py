@@ -1,8 +1,10 @@
 """Glob patterns over stream paths (protocol §6.2): ``*`` is one path segment (or, inside a
 segment, any run of characters but ``/``), ``**`` is zero or more whole segments.
 
-Pure functions: the service matches stream names here; Postgres only narrows candidates by the
-pattern's literal prefix (:func:`literal_prefix`).
+Pure functions: the service matches stream names here. Postgres matches them too, when a stream
+is created (``pg_migrations/0008``), with :func:`sql_regex`: the same expression, anchored. The
+expression uses only what Python's ``re`` and Postgres's advanced regular expressions read alike
+(``(?:…)``, ``[^/]``, ``*``, backslash before a punctuation character for itself).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from functools import lru_cache
 
 from threadline.errors import ValidationFailed
 
-__all__ = ["compile_pattern", "literal_prefix", "matches", "validate_pattern"]
+__all__ = ["compile_pattern", "literal_prefix", "matches", "sql_regex", "validate_pattern"]
 
 MAX_PATTERN_LENGTH = 1024
 _SEGMENT_CHARS = re.compile(r"[A-Za-z0-9._~:@!$&'()*+,;=-]+")
@@ -63,3 +65,9 @@ def literal_prefix(pattern: str) -> str:
     if pattern.startswith("**", star) and prefix.endswith("/"):
         prefix = prefix[:-1]  # "a/**" matches "a" itself
     return prefix
+
+
+def sql_regex(pattern: str) -> str:
+    """``pattern`` as an anchored regular expression for Postgres's ``~`` (which searches, where
+    :func:`matches` needs the whole name)."""
+    return f"^(?:{compile_pattern(pattern).pattern})$"

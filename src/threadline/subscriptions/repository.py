@@ -10,6 +10,7 @@ import asyncpg
 
 from threadline.db import Conn
 from threadline.subscriptions.models import StreamCursor, SubscriptionSpec
+from threadline.subscriptions.patterns import literal_prefix, sql_regex
 
 __all__ = [
     "StreamFacts",
@@ -20,6 +21,7 @@ __all__ = [
     "delivered",
     "due_subscriptions",
     "extend_lease",
+    "fill_pattern_matchers",
     "insert",
     "lease",
     "link_at",
@@ -79,8 +81,9 @@ async def insert(
 ) -> int:
     pk: int = await conn.fetchval(
         """INSERT INTO subscriptions (environment_id, id, kind, pattern, session_type, webhook_url, wake_stream,
-                                      lease_ttl_ms, description, config_hash, base_url)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING pk""",
+                                      lease_ttl_ms, description, config_hash, base_url,
+                                      pattern_prefix, pattern_regex)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING pk""",
         environment_id,
         subscription_id,
         spec.type,
@@ -92,8 +95,24 @@ async def insert(
         spec.description,
         config_hash,
         base_url,
+        None if spec.pattern is None else literal_prefix(spec.pattern),
+        None if spec.pattern is None else sql_regex(spec.pattern),
     )
     return pk
+
+
+async def fill_pattern_matchers(conn: Conn) -> int:
+    """Give subscriptions created before migration 0008 the prefix and expression its trigger
+    matches new streams with (until then, their matches are linked on a stream's first record)."""
+    rows = await conn.fetch(
+        "SELECT pk, pattern FROM subscriptions WHERE pattern IS NOT NULL AND pattern_regex IS NULL"
+    )
+    if rows:
+        await conn.executemany(
+            "UPDATE subscriptions SET pattern_prefix = $2, pattern_regex = $3 WHERE pk = $1",
+            [(r["pk"], literal_prefix(r["pattern"]), sql_regex(r["pattern"])) for r in rows],
+        )
+    return len(rows)
 
 
 async def tombstone(conn: Conn, pk: int) -> None:

@@ -14,8 +14,10 @@ wake id or token and changes nothing. What wakes a subscription: this instance's
 reporting a stream's tail moved (local commits, and other instances' through ``NOTIFY``), the
 end of a lease with work left, and a sweep every ``THREADLINE_SUBSCRIPTION_SWEEP_SECONDS`` that
 catches any linked stream with records past its cursor that a crash or a lost notification
-left unwoken. A stream a pattern newly matches is linked (at its first offset, so nothing it
-holds is skipped) when any instance learns of a change to it; a pass that fails is retried.
+left unwoken. A stream a pattern matches is linked by Postgres in the transaction that creates
+it (pg_migrations/0008), so no crash falls between its birth and its link; one created while its
+subscription was being created is linked here, when any instance learns of a record on it (at
+its first offset, so nothing it holds is skipped). A pass that fails is retried.
 """
 
 from __future__ import annotations
@@ -132,6 +134,10 @@ class SubscriptionService:
 
     async def start(self) -> None:
         self._sender = WebhookSender(self.policy, timeout_seconds=self._settings.webhook_timeout_seconds)
+        async with self._background.acquire() as conn:
+            filled = await repository.fill_pattern_matchers(conn)
+        if filled:
+            logger.info("pattern subscriptions now link new streams at creation", extra={"count": filled})
         self._live.add_listener(self._on_tail_changes)
         self._tasks = [
             asyncio.create_task(self._process_changes(), name="threadline-subscription-wakes"),
