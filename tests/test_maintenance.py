@@ -218,6 +218,34 @@ def test_compaction_moves_chunks_into_segments_and_collects_the_old_objects(
         assert [value["n"] for value in received] == list(range(40))
 
 
+def test_a_busy_streams_small_segments_are_merged_into_one(
+    busy_maintainer: str, tenant: Tenant, settings: Settings, db: Callable[..., Any]
+) -> None:
+    """A stream busy across many passes gets a segment per pass; once eight small ones line up
+    they become one, so replaying it is one GET, not one per pass it lived through. Nothing is
+    lost or reordered, and the merged-away segments are collected."""
+    name = _name("merge")
+    path = f"/v1/stream/{name}"
+    with httpx.Client(base_url=busy_maintainer, headers=bearer(tenant.key), timeout=30) as client:
+        assert client.put(path, headers=JSON).status_code == 201
+        seen_segments: set[str] = set()
+        for burst in range(10):  # ten bursts, each compacted into a segment of its own
+            for n in range(burst * 4, burst * 4 + 4):
+                assert client.post(path, headers=JSON, content=json.dumps({"n": n})).status_code == 204
+            eventually(lambda: not _keys(db, name, "batch"), timeout=60)
+            seen_segments |= _keys(db, name, "segment")
+        # Without merging, ten bursts leave about ten segments; merged, at most the last few.
+        assert len(seen_segments) >= 8, seen_segments
+        eventually(lambda: len(_keys(db, name, "segment")) <= 3, timeout=60)
+        merged_away = seen_segments - _keys(db, name, "segment")
+        assert len(merged_away) >= 7, merged_away
+        assert [value["n"] for value in client.get(path, params={"offset": "-1"}).json()] == list(range(40))
+        eventually(lambda: not any(_stored(settings, key) for key in merged_away), timeout=60)
+        assert [value["n"] for value in client.get(path, params={"offset": _offset(17)}).json()] == list(
+            range(17, 40)
+        )
+
+
 def test_orphan_objects_and_expired_streams_are_collected(
     busy_maintainer: str, tenant: Tenant, settings: Settings, db: Callable[..., Any]
 ) -> None:
