@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ sys.path.insert(0, str(REPO / "src"))
 from threadline.auth.keys import bootstrap_environment, create_api_key  # noqa: E402
 from threadline.db import apply_migrations  # noqa: E402
 from threadline.embedded.ports import free_port  # noqa: E402
+from threadline.embedded.processes import setpriv_prefix  # noqa: E402
 from threadline.embedded.stack import StackEndpoints  # noqa: E402
 
 
@@ -64,8 +66,11 @@ def pct(samples: list[float], q: float) -> float:
 
 
 async def start_server(endpoints: StackEndpoints, **env: str) -> tuple[asyncio.subprocess.Process, str]:
+    """`threadline serve` on the stack, with a parent-death signal: a bench killed or
+    interrupted takes its server (and so the server's workers) with it instead of orphaning it."""
     port = free_port()
     process = await asyncio.create_subprocess_exec(
+        *setpriv_prefix(death_signal=signal.SIGTERM),
         sys.executable,
         "-m",
         "threadline",
