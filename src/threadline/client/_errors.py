@@ -15,7 +15,8 @@ once for the server and its clients. What a client adds sits beside it under the
     │   └── ServiceUnavailable 503 ...  retried by the SDK first (Retry-After honoured)
     └── ClientError                     raised by the SDK itself
         ├── ConnectionFailed            no answer: refused, reset, dropped (after the retries)
-        │   └── RequestTimedOut         no answer in time (after the retries)
+        │   ├── RequestTimedOut         no answer in time (after the retries)
+        │   └── GatewayFailed           a proxy's bare 502/504: the request may have been applied
         ├── UnexpectedResponse          an answer the SDK cannot read (not Threadline's JSON)
         ├── WriterFailed                a writer stopped on an error; the error is its __cause__
         └── ClientClosed                the client (or writer) was used after close()
@@ -50,6 +51,7 @@ __all__ = [
     "ClientClosed",
     "ClientError",
     "ConnectionFailed",
+    "GatewayFailed",
     "RequestTimedOut",
     "UnexpectedResponse",
     "WriterFailed",
@@ -67,6 +69,18 @@ class ConnectionFailed(ClientError):
 
 class RequestTimedOut(ConnectionFailed):
     """No answer within the configured timeout."""
+
+
+class GatewayFailed(ConnectionFailed):
+    """A proxy in front of the server (nginx, a cloud load balancer) answered 502 or 504 with a
+    page of its own: it lost the server's answer or gave up waiting for it, so the request may or
+    may not have been applied. Treated like a dropped connection: retried when a repeat cannot
+    apply twice, raised otherwise. (Threadline's own HAProxy config answers 503
+    ``outcome_unknown`` instead.)"""
+
+    def __init__(self, message: str, *, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class UnexpectedResponse(ClientError):
@@ -99,6 +113,10 @@ _BY_STATUS: dict[int, type[ApiError]] = {
 }
 
 
+# A bare 502/504 is a proxy's: Threadline never answers them itself.
+_GATEWAY_STATUSES = frozenset({502, 504})
+
+
 def error_from_response(status_code: int, headers: Mapping[str, str], body: bytes) -> ThreadlineError:
     """The exception for an error answer: the catalogue's class for its ``code``."""
     try:
@@ -107,6 +125,12 @@ def error_from_response(status_code: int, headers: Mapping[str, str], body: byte
         message = str(error.get("message") or code)
         details: Any = error.get("details")
     except (ValueError, KeyError, TypeError):
+        if status_code in _GATEWAY_STATUSES:
+            return GatewayFailed(
+                f"HTTP {status_code} from a proxy in front of the server: the request may or may not "
+                "have been applied",
+                status_code=status_code,
+            )
         if status_code in _BY_STATUS or status_code >= 500:
             # Durable Streams answers without a body (HEAD) and proxies answer with pages: the
             # status alone still says what happened.

@@ -22,7 +22,13 @@ from threadline.client._config import (
     Credential,
     RetryPolicy,
 )
-from threadline.client._errors import ClientClosed, ConnectionFailed, RequestTimedOut, error_from_response
+from threadline.client._errors import (
+    ClientClosed,
+    ConnectionFailed,
+    GatewayFailed,
+    RequestTimedOut,
+    error_from_response,
+)
 from threadline.client._requests import Request
 from threadline.errors import OutcomeUnknown, ServiceUnavailable, ThreadlineError
 
@@ -70,6 +76,16 @@ class Attempts:
         if status == 401 and self.refreshable and not self._refreshed:
             self.refresh = self._refreshed = True
             return 0.0
+        if status in (502, 504):
+            error = error_from_response(status, response.headers, response.content)
+            if (
+                isinstance(error, GatewayFailed)
+                and self._may_repeat()
+                and self.attempt < self.policy.max_retries
+            ):
+                self.attempt += 1
+                return self.policy.backoff(self.attempt - 1)
+            raise error
         if status == 503 and self.attempt < self.policy.max_retries:
             error = error_from_response(status, response.headers, response.content)
             if isinstance(error, OutcomeUnknown) and not self.request.idempotent:
@@ -80,8 +96,12 @@ class Attempts:
             return self.policy.backoff(self.attempt - 1, response.headers)
         raise error_from_response(status, response.headers, response.content)
 
+    def _may_repeat(self) -> bool:
+        """A request that may have reached the server is repeated only if it cannot apply twice."""
+        return self.request.idempotent or self.request.method in ("GET", "HEAD")
+
     def after_error(self, exc: httpx.TransportError) -> float:
-        safe = isinstance(exc, _NOT_SENT) or self.request.idempotent or self.request.method in ("GET", "HEAD")
+        safe = isinstance(exc, _NOT_SENT) or self._may_repeat()
         if not safe or self.attempt >= self.policy.max_retries:
             raise transport_error(exc) from exc
         self.attempt += 1
