@@ -109,19 +109,7 @@ class Compactor:
 
     async def compact_stream(self, conn: Conn, stream_id: int) -> int:
         """Rewrite the stream's old-enough batch chunks into segments. Returns segments written."""
-        rows = await conn.fetch(
-            """SELECT c.start_offset, c.end_offset, o.key, c.byte_start, c.byte_length
-               FROM stream_chunks c JOIN stream_objects o ON o.id = c.object_id
-               JOIN streams s ON s.id = c.stream_id
-               WHERE c.stream_id = $1 AND o.kind = 'batch'
-                 AND c.end_offset > s.trim_offset  -- never copy trimmed records into a new object
-                 AND o.created_at < now() - $2 * interval '1 second'
-               ORDER BY c.start_offset LIMIT $3""",
-            stream_id,
-            self._min_age_seconds,
-            _MAX_RUN_CHUNKS,
-        )
-        chunks = [ChunkRef(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        chunks = await _chunks(conn, stream_id, "batch", min_age_seconds=self._min_age_seconds)
         written = 0
         for run in plan_runs(chunks):
             if await self._rewrite(conn, stream_id, run):
@@ -140,20 +128,9 @@ class Compactor:
 
     async def _merge_segments(self, conn: Conn, stream_id: int) -> int:
         """Rewrite runs of the stream's small segments as one each. Returns segments written."""
-        rows = await conn.fetch(
-            """SELECT c.start_offset, c.end_offset, o.key, c.byte_start, c.byte_length
-               FROM stream_chunks c JOIN stream_objects o ON o.id = c.object_id
-               JOIN streams s ON s.id = c.stream_id
-               WHERE c.stream_id = $1 AND o.kind = 'segment' AND c.byte_length < $2
-                 AND c.end_offset > s.trim_offset
-               ORDER BY c.start_offset LIMIT $3""",
-            stream_id,
-            _SMALL_SEGMENT_BYTES,
-            _MAX_RUN_CHUNKS,
-        )
-        if len(rows) < _MERGE_MIN_SEGMENTS:
+        chunks = await _chunks(conn, stream_id, "segment", below_bytes=_SMALL_SEGMENT_BYTES)
+        if len(chunks) < _MERGE_MIN_SEGMENTS:
             return 0
-        chunks = [ChunkRef(r[0], r[1], r[2], r[3], r[4]) for r in rows]
         written = 0
         for run in plan_runs(chunks):
             if len(run) >= _MERGE_MIN_SEGMENTS and await self._rewrite(conn, stream_id, run):
@@ -217,6 +194,34 @@ class Compactor:
 
         await asyncio.gather(*(fetch(key, indexes) for key, indexes in by_key.items()))
         return parts
+
+
+async def _chunks(
+    conn: Conn,
+    stream_id: int,
+    kind: str,
+    *,
+    min_age_seconds: float | None = None,
+    below_bytes: int | None = None,
+) -> list[ChunkRef]:
+    """The stream's chunks in objects of ``kind`` that a rewrite may take, by offset: objects at
+    least ``min_age_seconds`` old, chunks under ``below_bytes``, never wholly trimmed ones."""
+    rows = await conn.fetch(
+        """SELECT c.start_offset, c.end_offset, o.key, c.byte_start, c.byte_length
+           FROM stream_chunks c JOIN stream_objects o ON o.id = c.object_id
+           JOIN streams s ON s.id = c.stream_id
+           WHERE c.stream_id = $1 AND o.kind = $2
+             AND c.end_offset > s.trim_offset  -- never copy trimmed records into a new object
+             AND ($3::float8 IS NULL OR o.created_at < now() - $3 * interval '1 second')
+             AND ($4::bigint IS NULL OR c.byte_length < $4)
+           ORDER BY c.start_offset LIMIT $5""",
+        stream_id,
+        kind,
+        min_age_seconds,
+        below_bytes,
+        _MAX_RUN_CHUNKS,
+    )
+    return [ChunkRef(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
 
 class _Superseded(Exception):
