@@ -76,25 +76,21 @@ class Attempts:
         if status == 401 and self.refreshable and not self._refreshed:
             self.refresh = self._refreshed = True
             return 0.0
-        if status in (502, 504):
-            error = error_from_response(status, response.headers, response.content)
-            if (
-                isinstance(error, GatewayFailed)
-                and self._may_repeat()
-                and self.attempt < self.policy.max_retries
-            ):
-                self.attempt += 1
-                return self.policy.backoff(self.attempt - 1)
+        error = error_from_response(status, response.headers, response.content)
+        if self.attempt >= self.policy.max_retries:
             raise error
-        if status == 503 and self.attempt < self.policy.max_retries:
-            error = error_from_response(status, response.headers, response.content)
+        if isinstance(error, GatewayFailed) and self._may_repeat():
+            # A proxy lost the answer: like a dropped connection, repeated only if harmless.
+            self.attempt += 1
+            return self.policy.backoff(self.attempt - 1)
+        if status == 503:
             if isinstance(error, OutcomeUnknown) and not self.request.idempotent:
                 # The server could not tell whether this append was stored: sending it again
                 # could store it twice. Only the caller (or a producer's retry) may decide.
                 raise error
             self.attempt += 1
             return self.policy.backoff(self.attempt - 1, response.headers)
-        raise error_from_response(status, response.headers, response.content)
+        raise error
 
     def _may_repeat(self) -> bool:
         """A request that may have reached the server is repeated only if it cannot apply twice."""
