@@ -34,6 +34,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +68,21 @@ class Stats:
         return latency, errors
 
 
-async def _timed(stats: Stats, kind: str, call: Any, ok: tuple[int, ...]) -> Any:
+async def _timed(
+    stats: Stats,
+    kind: str,
+    call: Any,
+    ok: tuple[int, ...],
+    on_ok: Callable[[aiohttp.ClientResponse], None] | None = None,
+) -> Any:
     started = time.perf_counter()
     try:
         async with call as response:
             body = await response.read()
             if response.status in ok:
                 stats.latency[kind].append(time.perf_counter() - started)
+                if on_ok is not None:
+                    on_ok(response)
                 return body
             stats.errors[f"{kind} {response.status}"] += 1
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -119,20 +128,17 @@ async def _writer(
 ) -> None:
     record = json.dumps({"text": "x" * 180}).encode()
 
+    def acknowledged(response: aiohttp.ClientResponse) -> None:
+        tails.acknowledged(path, response.headers.get("Stream-Next-Offset"))
+
     async def step() -> None:
-        started = time.perf_counter()
-        try:
-            async with client.post(
-                url + path, data=record, headers={"Content-Type": "application/json"}
-            ) as response:
-                await response.read()
-                if response.status in (200, 204):
-                    stats.latency["append"].append(time.perf_counter() - started)
-                    tails.acknowledged(path, response.headers.get("Stream-Next-Offset"))
-                else:
-                    stats.errors[f"append {response.status}"] += 1
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            stats.errors[f"append {type(exc).__name__}"] += 1
+        await _timed(
+            stats,
+            "append",
+            client.post(url + path, data=record, headers={"Content-Type": "application/json"}),
+            (200, 204),
+            acknowledged,
+        )
 
     await _paced(rate, stop, step)
 
